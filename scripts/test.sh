@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one command that runs every check: installs what the tests need, builds the game images
+# if their recipes changed, then rustfmt, clippy and all tests (unit, integration against real
+# Docker and real game servers, workspace checks).
+#
+# Env: CARGO_TARGET_DIR  reused between runs (default ~/.cache/mamba/target, outside the clone)
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mamba/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+step() { printf '\n==> %s\n' "$*"; }
+
+step "prerequisites"
+command -v docker >/dev/null || { echo "test.sh: docker is required" >&2; exit 1; }
+docker info >/dev/null 2>&1 || { echo "test.sh: the Docker engine is not reachable" >&2; exit 1; }
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: run as root (the tests read container cgroups and build images with debootstrap)" >&2
+  exit 1
+fi
+
+step "game images (rebuilt only when a recipe changes)"
+bash scripts/images.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+cargo test --workspace --locked --no-fail-fast

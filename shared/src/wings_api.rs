@@ -1,0 +1,207 @@
+//! Requests and answers of the wings HTTP API (`/api/...`), as the panel sends and reads them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::blueprint::Blueprint;
+use crate::ids::ServerId;
+
+/// `POST /api/servers`. Self-contained: wings needs no blueprint files of its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateServerRequest {
+    pub id: ServerId,
+    pub blueprint: Blueprint,
+    /// Variable values by env name; missing ones take the blueprint default.
+    #[serde(default)]
+    pub variables: BTreeMap<String, String>,
+    /// Missing limits take the blueprint defaults.
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    pub allocations: Allocations,
+    /// One of the blueprint's images; default the first.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Start the server as soon as its install finishes.
+    #[serde(default)]
+    pub start_on_completion: bool,
+    /// Skip the blueprint's install script.
+    #[serde(default)]
+    pub skip_install: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub memory_mb: u64,
+    pub cpu_percent: u32,
+    pub disk_mb: u64,
+    pub pids: u32,
+    /// Relative block-I/O weight, 10 to 1000 (applied where the kernel supports it).
+    #[serde(default = "default_io_weight")]
+    pub io_weight: u16,
+}
+
+fn default_io_weight() -> u16 {
+    500
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allocations {
+    pub default: Allocation,
+    #[serde(default)]
+    pub additional: Vec<Allocation>,
+}
+
+impl Allocations {
+    pub fn all(&self) -> impl Iterator<Item = &Allocation> {
+        std::iter::once(&self.default).chain(self.additional.iter())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allocation {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerAction {
+    Start,
+    Stop,
+    Restart,
+    Kill,
+}
+
+/// `POST /api/servers/{id}/power`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerRequest {
+    pub action: PowerAction,
+}
+
+/// `POST /api/servers/{id}/commands`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandsRequest {
+    pub commands: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerState {
+    Installing,
+    Offline,
+    Starting,
+    Running,
+    Stopping,
+    /// Gave up restarting after repeated unexpected exits.
+    Crashed,
+}
+
+impl ServerState {
+    pub fn is_up(self) -> bool {
+        matches!(self, ServerState::Starting | ServerState::Running)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallStatus {
+    Pending,
+    Installing,
+    Installed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallInfo {
+    pub status: InstallStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Why a server last stopped without being asked to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub exit_code: i64,
+    pub oom_killed: bool,
+    /// Unix seconds.
+    pub at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashInfo {
+    /// Unexpected exits inside the current crash-guard window.
+    pub attempts: u32,
+    pub last_exit: Option<ExitInfo>,
+    /// Unix milliseconds of the next automatic restart, while one is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_restart_at_ms: Option<u64>,
+}
+
+/// One server as wings reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub id: ServerId,
+    pub blueprint: String,
+    pub state: ServerState,
+    pub install: InstallInfo,
+    pub limits: Limits,
+    pub allocations: Allocations,
+    pub image: String,
+    pub container_id: Option<String>,
+    pub crash: CrashInfo,
+    /// Power actions in the server's queue, counting the one running now.
+    pub queued_actions: usize,
+    /// The last power action that failed, with why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResponse {
+    pub lines: Vec<String>,
+}
+
+/// `202 Accepted` answer to a power action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PowerAccepted {
+    pub action: PowerAction,
+    /// Actions ahead of this one in the server's queue, counting the one running now.
+    pub queued_behind: usize,
+}
+
+/// `GET /api/system`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    pub version: String,
+    pub hostname: String,
+    pub kernel: String,
+    pub os: String,
+    pub architecture: String,
+    pub cpu_count: usize,
+    pub cpu_usage_percent: f32,
+    pub memory_total_bytes: u64,
+    pub memory_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub disk_available_bytes: u64,
+    pub docker: DockerInfo,
+    pub servers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerInfo {
+    pub version: String,
+    pub api_version: String,
+    pub storage_driver: String,
+    pub cgroup_version: String,
+    pub containers_running: i64,
+}

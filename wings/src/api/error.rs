@@ -1,0 +1,112 @@
+//! The HTTP error type: every failure becomes the JSON envelope
+//! `{"error": {"code", "message", "details"?}}` with a 4xx or 5xx status.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use mamba_shared::blueprint::FieldError;
+use mamba_shared::error::{ErrorBody, ErrorEnvelope};
+
+use crate::server::ServerError;
+use crate::server::manager::CreateError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Vec<FieldError>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if self.status.is_server_error() {
+            tracing::error!(error.code = self.code, "{}", self.message);
+        }
+        HttpResponse::build(self.status).json(ErrorEnvelope {
+            error: ErrorBody {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                details: self.details.clone(),
+            },
+        })
+    }
+}
+
+impl From<CreateError> for ApiError {
+    fn from(e: CreateError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            CreateError::Invalid(details) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "validation_failed",
+                message: details
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                details,
+            },
+            CreateError::Duplicate(_) => ApiError::new(StatusCode::CONFLICT, "duplicate_id", message),
+            CreateError::PortInUse { field, message } => ApiError {
+                status: StatusCode::CONFLICT,
+                code: "port_in_use",
+                message: format!("{field}: {message}"),
+                details: vec![FieldError { field, message }],
+            },
+            CreateError::ImageMissing { field, image } => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "image_missing",
+                details: vec![FieldError {
+                    field,
+                    message: format!("image {image} is not present on this node"),
+                }],
+                message,
+            },
+            CreateError::Internal(m) => ApiError::internal(m),
+        }
+    }
+}
+
+impl From<ServerError> for ApiError {
+    fn from(e: ServerError) -> ApiError {
+        match e {
+            ServerError::NotRunning => ApiError::new(StatusCode::CONFLICT, "not_running", e.to_string()),
+            ServerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ServerError::Failed(m) => ApiError::new(StatusCode::BAD_GATEWAY, "failed", m),
+            ServerError::Docker(e) => ApiError::new(StatusCode::BAD_GATEWAY, "docker", e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! Wings' HTTP API (actix-web). The panel is its only client; every route but `/healthz`
+//! needs `Authorization: Bearer <api.token>`.
+//!
+//! API boundary: handlers parse and check input, then hand the work to the server actors on
+//! the main runtime. They never talk to Docker themselves.
+
+pub mod error;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::StatusCode;
+use actix_web::middleware::{Next, from_fn};
+use actix_web::{HttpRequest, HttpResponse, web};
+use mamba_shared::ids::ServerId;
+use mamba_shared::wings_api::{
+    CommandsRequest, CreateServerRequest, LogsResponse, PowerAccepted, PowerRequest,
+};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use self::error::ApiError;
+use crate::server::Server;
+use crate::server::manager::Manager;
+use crate::system::SystemProbe;
+
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    /// The main runtime, where server actors and Docker connections live.
+    pub runtime: tokio::runtime::Handle,
+    pub token: String,
+    pub system: SystemProbe,
+}
+
+impl AppState {
+    /// Runs `fut` on the main runtime: actix workers have runtimes of their own.
+    async fn on_main<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.runtime
+            .spawn(fut)
+            .await
+            .map_err(|e| ApiError::internal(format!("task failed: {e}")))
+    }
+
+    fn server(&self, id: &str) -> Result<Arc<Server>, ApiError> {
+        let id = ServerId::new(id).map_err(|_| ApiError::not_found("server"))?;
+        self.manager.get(&id).ok_or_else(|| ApiError::not_found("server"))
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(max_json_bytes)
+            .error_handler(|err, _| ApiError::bad_request(format!("invalid JSON body: {err}")).into()),
+    )
+    .app_data(
+        web::QueryConfig::default().error_handler(|err, _| ApiError::bad_request(err.to_string()).into()),
+    )
+    .app_data(
+        web::PathConfig::default().error_handler(|err, _| ApiError::bad_request(err.to_string()).into()),
+    )
+    .route(
+        "/healthz",
+        web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
+    )
+    .service(
+        web::scope("/api")
+            .wrap(from_fn(require_token))
+            .route("/system", web::get().to(system))
+            .route("/servers", web::get().to(list_servers))
+            .route("/servers", web::post().to(create_server))
+            .route("/servers/{id}", web::get().to(get_server))
+            .route("/servers/{id}", web::delete().to(delete_server))
+            .route("/servers/{id}/power", web::post().to(power))
+            .route("/servers/{id}/commands", web::post().to(commands))
+            .route("/servers/{id}/logs", web::get().to(logs))
+            .route("/servers/{id}/reinstall", web::post().to(reinstall))
+            .route("/servers/{id}/install-logs", web::get().to(install_logs)),
+    )
+    .default_service(web::to(|req: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route for {} {}", req.method(), req.path()),
+        ))
+    }));
+}
+
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.token.clone())
+        .unwrap_or_default();
+    let presented = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let ok = !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()));
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid node token is required",
+        )
+        .into());
+    }
+    next.call(req).await
+}
+
+async fn system(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let st = state.clone();
+    let docker = state
+        .on_main(async move { st.manager.context().docker.info().await })
+        .await?;
+    let docker = docker.map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "docker", e.to_string()))?;
+    let info = state.system.snapshot(
+        &state.manager.context().config.system.data_dir,
+        docker,
+        state.manager.count(),
+    );
+    Ok(HttpResponse::Ok().json(info))
+}
+
+async fn list_servers(state: web::Data<AppState>) -> HttpResponse {
+    let views: Vec<_> = state.manager.list().iter().map(|s| s.view()).collect();
+    HttpResponse::Ok().json(views)
+}
+
+async fn create_server(
+    state: web::Data<AppState>,
+    body: web::Json<CreateServerRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let manager = state.manager.clone();
+    let server = state
+        .on_main(async move { manager.create(body.into_inner()).await })
+        .await??;
+    Ok(HttpResponse::Accepted().json(server.view()))
+}
+
+async fn get_server(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.server(&id)?.view()))
+}
+
+async fn delete_server(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let manager = state.manager.clone();
+    let id = server.id.clone();
+    match state.on_main(async move { manager.delete(&id).await }).await? {
+        None => Err(ApiError::not_found("server")),
+        Some(Ok(())) => Ok(HttpResponse::NoContent().finish()),
+        Some(Err(e)) => Err(ApiError::internal(format!("delete failed: {e}"))),
+    }
+}
+
+async fn power(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<PowerRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let action = body.action;
+    let ahead = state.on_main(async move { server.power(action) }).await??;
+    Ok(HttpResponse::Accepted().json(PowerAccepted {
+        action,
+        queued_behind: ahead,
+    }))
+}
+
+/// Longest command line accepted; games read lines, and this keeps one request bounded.
+const MAX_COMMAND_BYTES: usize = 4096;
+
+async fn commands(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<CommandsRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let commands = body.into_inner().commands;
+    if commands.is_empty() || commands.len() > 100 {
+        return Err(ApiError::bad_request("commands: give between 1 and 100 commands"));
+    }
+    if let Some(bad) = commands
+        .iter()
+        .position(|c| c.len() > MAX_COMMAND_BYTES || c.contains(['\n', '\r', '\0']))
+    {
+        return Err(ApiError::bad_request(format!(
+            "commands[{bad}]: a command is one line of at most {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
+    state
+        .on_main(async move { server.send_commands(&commands).await })
+        .await??;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    lines: Option<usize>,
+}
+
+async fn logs(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: web::Query<LogsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let lines = query
+        .lines
+        .unwrap_or(100)
+        .min(state.manager.context().config.console.buffer_lines);
+    Ok(HttpResponse::Ok().json(LogsResponse {
+        lines: server.console.recent(lines),
+    }))
+}
+
+async fn reinstall(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    server.reinstall()?;
+    Ok(HttpResponse::Accepted().json(server.view()))
+}
+
+async fn install_logs(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(server.install_log()))
+}

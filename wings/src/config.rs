@@ -1,0 +1,286 @@
+//! Wings' configuration: one typed struct, read from a TOML file with `WINGS_*` environment
+//! overrides (`WINGS_API__LISTEN=0.0.0.0:8080` sets `api.listen`).
+//!
+//! Every default lives here, and `config.example.toml` documents each one; a test keeps the
+//! two in sync.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub system: SystemConfig,
+    pub docker: DockerConfig,
+    pub console: ConsoleConfig,
+    pub crash_guard: CrashGuardConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Bearer token the panel presents. Required; at least 32 characters.
+    pub token: String,
+    /// HTTP worker threads.
+    pub workers: usize,
+    /// Largest JSON request body accepted, in bytes.
+    pub max_json_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: String::new(),
+            workers: 1,
+            max_json_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemConfig {
+    /// Where server files, state and logs live.
+    pub data_dir: PathBuf,
+    /// The unprivileged uid and gid game and install containers run as.
+    pub container_uid: u32,
+    pub container_gid: u32,
+    /// `TZ` inside containers.
+    pub timezone: String,
+    /// Largest config file the blueprint config-file editor will parse, in bytes.
+    pub max_config_file_bytes: u64,
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        SystemConfig {
+            data_dir: PathBuf::from("/var/lib/mamba/wings"),
+            container_uid: 988,
+            container_gid: 988,
+            timezone: "UTC".into(),
+            max_config_file_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DockerConfig {
+    /// The Docker engine's socket.
+    pub socket: String,
+    /// The bridge network every game container joins.
+    pub network: String,
+    /// Whether containers on that network may reach each other. Off isolates servers.
+    pub inter_container_traffic: bool,
+    /// Size of each container's `/tmp` tmpfs, in MiB.
+    pub tmpfs_mb: u64,
+    /// Docker's own log for a container is capped at this many MiB.
+    pub log_max_mb: u64,
+    /// Seconds to wait for a Docker API call before giving up.
+    pub timeout_secs: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            socket: "/var/run/docker.sock".into(),
+            network: "mamba0".into(),
+            inter_container_traffic: false,
+            tmpfs_mb: 100,
+            log_max_mb: 5,
+            timeout_secs: 120,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Lines of console output kept in memory per server.
+    pub buffer_lines: usize,
+    /// Console lines longer than this are truncated, in bytes.
+    pub max_line_bytes: usize,
+    /// The on-disk console log is rotated when it reaches this size, in bytes.
+    pub log_file_max_bytes: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig {
+            buffer_lines: 500,
+            max_line_bytes: 4096,
+            log_file_max_bytes: 5 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CrashGuardConfig {
+    /// Restart servers that exit without being asked to.
+    pub enabled: bool,
+    /// Restarts attempted within `window_secs` before the server is marked crashed.
+    pub max_attempts: u32,
+    pub window_secs: u64,
+    /// Delay before the first restart; it doubles with each attempt.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Whether an exit with code 0 that nobody asked for counts as a crash.
+    pub clean_exit_is_crash: bool,
+}
+
+impl Default for CrashGuardConfig {
+    fn default() -> Self {
+        CrashGuardConfig {
+            enabled: true,
+            max_attempts: 3,
+            window_secs: 600,
+            initial_backoff_ms: 1000,
+            max_backoff_ms: 60_000,
+            clean_exit_is_crash: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` (which may be missing only if `allow_missing`), then `WINGS_*` variables.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::Invalid(format!("{} does not exist", path.display())));
+        }
+        Self::from_figment(Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(path)))
+    }
+
+    /// Defaults plus `WINGS_*` variables only.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::from(Serialized::defaults(Config::default())))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment
+            .merge(Env::prefixed("WINGS_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.api.token.len() < 32 {
+            return bad("api.token must be at least 32 characters (set it in the file or WINGS_API__TOKEN)");
+        }
+        if self.api.workers == 0 {
+            return bad("api.workers must be at least 1");
+        }
+        if !self.system.data_dir.is_absolute() {
+            return bad("system.data_dir must be an absolute path");
+        }
+        if self.system.container_uid == 0 || self.system.container_gid == 0 {
+            return bad("system.container_uid and container_gid must not be 0: games never run as root");
+        }
+        if self.console.buffer_lines == 0 || self.console.max_line_bytes < 80 {
+            return bad("console.buffer_lines must be at least 1 and console.max_line_bytes at least 80");
+        }
+        if self.crash_guard.max_attempts == 0 {
+            return bad("crash_guard.max_attempts must be at least 1");
+        }
+        if self.docker.network.is_empty() {
+            return bad("docker.network must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (k, v) in table {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                keys(v, &path, out);
+                out.push(path);
+            }
+        }
+    }
+
+    /// The example documents exactly the defaults, and every key.
+    #[test]
+    fn example_config_matches_defaults() {
+        let example: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(example, Config::default());
+        let mut documented = Vec::new();
+        keys(
+            &toml::from_str::<toml::Value>(EXAMPLE).unwrap(),
+            "",
+            &mut documented,
+        );
+        let mut all = Vec::new();
+        keys(&toml::Value::try_from(Config::default()).unwrap(), "", &mut all);
+        documented.sort();
+        all.sort();
+        assert_eq!(documented, all, "config.example.toml must list every key");
+    }
+
+    #[test]
+    #[expect(
+        clippy::result_large_err,
+        reason = "figment's test jail fixes the closure's error type"
+    )]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wings.toml");
+        std::fs::write(&path, "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("WINGS_API__LISTEN", "127.0.0.1:9999");
+            jail.set_env("WINGS_CRASH_GUARD__MAX_ATTEMPTS", "7");
+            let config = Config::load(&path).unwrap();
+            assert_eq!(config.api.listen.port(), 9999);
+            assert_eq!(config.crash_guard.max_attempts, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_short_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wings.toml");
+        std::fs::write(
+            &path,
+            "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\nlisten_addr = \"x\"\n",
+        )
+        .unwrap();
+        assert!(
+            Config::load(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("listen_addr")
+        );
+        std::fs::write(&path, "[api]\ntoken = \"short\"\n").unwrap();
+        assert!(Config::load(&path).unwrap_err().to_string().contains("api.token"));
+    }
+}

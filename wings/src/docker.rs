@@ -1,0 +1,296 @@
+//! The Docker engine, through bollard. This is the only module that talks to Docker.
+//!
+//! Containers wings manages carry the labels below; wings only ever lists, reattaches to or
+//! removes containers whose `mamba.data-dir` label is its own data folder, so two wings
+//! sharing one engine (as the tests do) never touch each other's containers.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::AttachContainerResults;
+use bollard::errors::Error as BollardError;
+use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+use crate::config::DockerConfig;
+
+pub const LABEL_MANAGED: &str = "mamba.managed";
+pub const LABEL_DATA_DIR: &str = "mamba.data-dir";
+pub const LABEL_SERVER: &str = "mamba.server";
+pub const LABEL_KIND: &str = "mamba.kind";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerKind {
+    Server,
+    Install,
+}
+
+impl ContainerKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ContainerKind::Server => "server",
+            ContainerKind::Install => "install",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("docker: {0}")]
+    Api(#[from] BollardError),
+    #[error("docker did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DockerError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Api(BollardError::DockerResponseServerError { status_code: 404, .. })
+        )
+    }
+
+    /// Docker answers 304 or 409 when a container is already stopped or not running.
+    pub fn is_not_running(&self) -> bool {
+        matches!(
+            self,
+            DockerError::Api(BollardError::DockerResponseServerError {
+                status_code: 304 | 409,
+                ..
+            })
+        )
+    }
+}
+
+/// What wings needs to know about one of its containers.
+#[derive(Debug, Clone)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub server: String,
+    pub kind: Option<ContainerKind>,
+    pub running: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: i64,
+    pub oom_killed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContainerStatus {
+    pub id: String,
+    pub running: bool,
+    pub exit: ExitStatus,
+}
+
+/// Docker repeats the same warning for every container (for example that the kernel has no
+/// block-I/O weight); an operator needs to see each one once.
+fn warn_once(warning: &str) {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if !seen.iter().any(|w| w == warning) {
+        tracing::warn!("docker warned: {warning}");
+        seen.push(warning.to_string());
+    }
+}
+
+#[derive(Clone)]
+pub struct DockerClient {
+    docker: Docker,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for DockerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerClient")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl DockerClient {
+    pub async fn connect(config: &DockerConfig) -> Result<DockerClient, DockerError> {
+        let timeout = Duration::from_secs(config.timeout_secs.max(1));
+        let docker =
+            Docker::connect_with_unix(&config.socket, timeout.as_secs(), bollard::API_DEFAULT_VERSION)?;
+        // The engine may speak an older API than bollard's default (Debian's 20.10 speaks 1.41).
+        let docker = docker.negotiate_version().await?;
+        Ok(DockerClient { docker, timeout })
+    }
+
+    async fn timed<T>(&self, fut: impl Future<Output = Result<T, BollardError>>) -> Result<T, DockerError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(DockerError::from),
+            Err(_) => Err(DockerError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Creates the shared game network if it is missing.
+    pub async fn ensure_network(&self, name: &str, inter_container_traffic: bool) -> Result<(), DockerError> {
+        match self.timed(self.docker.inspect_network(name, None)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e),
+        }
+        let mut options = HashMap::new();
+        options.insert(
+            "com.docker.network.bridge.enable_icc".to_string(),
+            inter_container_traffic.to_string(),
+        );
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_MANAGED.to_string(), "true".to_string());
+        let request = NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            options: Some(options),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        match self.timed(self.docker.create_network(request)).await {
+            Ok(_) => Ok(()),
+            // Another wings on this engine created it at the same moment.
+            Err(DockerError::Api(BollardError::DockerResponseServerError { status_code: 409, .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn image_exists(&self, image: &str) -> Result<bool, DockerError> {
+        match self.timed(self.docker.inspect_image(image)).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        let created = self
+            .timed(self.docker.create_container(Some(options), body))
+            .await?;
+        for warning in created.warnings {
+            warn_once(&warning);
+        }
+        Ok(created.id)
+    }
+
+    /// Attaches to stdin, stdout and stderr. Call before `start` to miss no output.
+    pub async fn attach(&self, id: &str) -> Result<AttachContainerResults, DockerError> {
+        let options = AttachContainerOptionsBuilder::new()
+            .stream(true)
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .logs(false)
+            .build();
+        self.timed(self.docker.attach_container(id, Some(options))).await
+    }
+
+    pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+        self.timed(self.docker.start_container(id, None)).await
+    }
+
+    /// Sends a signal; a container that is not running is not an error.
+    pub async fn signal(&self, id: &str, signal: &str) -> Result<(), DockerError> {
+        let options = KillContainerOptionsBuilder::new().signal(signal).build();
+        match self.timed(self.docker.kill_container(id, Some(options))).await {
+            Err(e) if e.is_not_running() || e.is_not_found() => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Force-removes a container; a missing one is not an error.
+    pub async fn remove(&self, id_or_name: &str) -> Result<(), DockerError> {
+        let options = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self
+            .timed(self.docker.remove_container(id_or_name, Some(options)))
+            .await
+        {
+            Err(e) if e.is_not_found() => Ok(()),
+            // 409: removal already in progress.
+            Err(DockerError::Api(BollardError::DockerResponseServerError { status_code: 409, .. })) => Ok(()),
+            other => other,
+        }
+    }
+
+    pub async fn status(&self, id_or_name: &str) -> Result<Option<ContainerStatus>, DockerError> {
+        let inspected = match self.timed(self.docker.inspect_container(id_or_name, None)).await {
+            Ok(c) => c,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let state = inspected.state.unwrap_or_default();
+        Ok(Some(ContainerStatus {
+            id: inspected.id.unwrap_or_default(),
+            running: state.running.unwrap_or(false),
+            exit: ExitStatus {
+                code: state.exit_code.unwrap_or(-1),
+                oom_killed: state.oom_killed.unwrap_or(false),
+            },
+        }))
+    }
+
+    /// Resolves when the container stops, with its exit status. No timeout: it waits as long
+    /// as the game runs.
+    pub async fn wait_exit(&self, id: &str) -> Result<ExitStatus, DockerError> {
+        let mut stream = self.docker.wait_container(id, None);
+        // bollard reports a non-zero exit as an error; either way the container has stopped.
+        match stream.next().await {
+            Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) | None => {}
+            Some(Err(e)) => return Err(e.into()),
+        }
+        Ok(self.status(id).await?.map(|s| s.exit).unwrap_or(ExitStatus {
+            code: -1,
+            oom_killed: false,
+        }))
+    }
+
+    pub async fn list_managed(&self, data_dir: &str) -> Result<Vec<ManagedContainer>, DockerError> {
+        let mut filters = HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_DATA_DIR}={data_dir}"),
+            ],
+        );
+        let options = ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self.timed(self.docker.list_containers(Some(options))).await?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let kind = match labels.get(LABEL_KIND).map(String::as_str) {
+                    Some("server") => Some(ContainerKind::Server),
+                    Some("install") => Some(ContainerKind::Install),
+                    _ => None,
+                };
+                Some(ManagedContainer {
+                    id: c.id?,
+                    server: labels.get(LABEL_SERVER).cloned().unwrap_or_default(),
+                    kind,
+                    running: matches!(c.state, Some(bollard::models::ContainerSummaryStateEnum::RUNNING)),
+                })
+            })
+            .collect())
+    }
+
+    pub async fn info(&self) -> Result<mamba_shared::wings_api::DockerInfo, DockerError> {
+        let info = self.timed(self.docker.info()).await?;
+        Ok(mamba_shared::wings_api::DockerInfo {
+            version: info.server_version.unwrap_or_default(),
+            api_version: self.docker.client_version().to_string(),
+            storage_driver: info.driver.unwrap_or_default(),
+            cgroup_version: info.cgroup_version.map(|v| v.to_string()).unwrap_or_default(),
+            containers_running: info.containers_running.unwrap_or(0),
+        })
+    }
+}

@@ -1,0 +1,9 @@
+//! The Mamba node daemon. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod config;
+pub mod config_files;
+pub mod docker;
+pub mod jail;
+pub mod server;
+pub mod system;

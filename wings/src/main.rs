@@ -1,0 +1,110 @@
+//! `wings`: the Mamba node daemon.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mamba_wings::api::{self, AppState};
+use mamba_wings::config::Config;
+use mamba_wings::server::manager::Manager;
+use mamba_wings::system::SystemProbe;
+
+#[derive(Parser)]
+#[command(
+    name = "wings",
+    version,
+    about = "The Mamba node daemon: runs game servers in Docker"
+)]
+struct Cli {
+    /// Configuration file (TOML). WINGS_* environment variables override it.
+    #[arg(long, short, env = "WINGS_CONFIG", default_value = "/etc/mamba/wings.toml")]
+    config: PathBuf,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "WINGS_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Serve,
+    /// Check the configuration and print it with defaults filled in (the token is hidden).
+    CheckConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let config = Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            let mut shown = config.clone();
+            shown.api.token = "<hidden>".into();
+            eprint!("{}", toml::to_string_pretty(&shown)?);
+            Ok(())
+        }
+        Command::Serve => serve(config),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("wings")
+        .build()?;
+    runtime.block_on(async move {
+        let listen = config.api.listen;
+        let workers = config.api.workers;
+        let max_json = config.api.max_json_bytes;
+        let token = config.api.token.clone();
+        let manager = Manager::start(config).await?;
+        let state = web::Data::new(AppState {
+            manager: manager.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            token,
+            system: SystemProbe::default(),
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(|cfg| api::configure(cfg, max_json))
+        })
+        .workers(workers)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?
+        .run();
+        tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "wings is listening");
+        let handle = server.handle();
+        let server_task = tokio::spawn(server);
+        wait_for_shutdown_signal().await?;
+        // Game servers keep running: their containers do not depend on this process.
+        tracing::info!("shutting down; game servers keep running");
+        handle.stop(true).await;
+        let _ = server_task.await;
+        drop::<Arc<Manager>>(manager);
+        Ok(())
+    })
+}
+
+async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! On-disk state of each server: `servers/<id>/server.json`, replaced atomically.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use mamba_shared::wings_api::{CrashInfo, InstallInfo, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::spec::ServerSpec;
+
+/// What the operator (or panel) last asked for. Recovery drives the container towards it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    pub spec: ServerSpec,
+    pub desired: Desired,
+    pub state: ServerState,
+    pub install: InstallInfo,
+    pub crash: CrashInfo,
+    pub container_id: Option<String>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub start_on_completion: bool,
+}
+
+pub fn record_path(dir: &Path) -> PathBuf {
+    dir.join("server.json")
+}
+
+/// Writes to a temporary file, fsyncs it, renames it over the record and fsyncs the folder,
+/// so a crash at any point leaves either the old record or the new one.
+pub fn save(dir: &Path, record: &ServerRecord) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(record)?;
+    let tmp = dir.join(".server.json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, record_path(dir))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+pub fn load(dir: &Path) -> std::io::Result<ServerRecord> {
+    let bytes = std::fs::read(record_path(dir))?;
+    serde_json::from_slice(&bytes).map_err(std::io::Error::other)
+}

@@ -1,0 +1,305 @@
+//! Bad input gets a clear 4xx with the JSON error envelope, and nothing is created.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers panic by design
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::{Wings, free_port, testbox, unique_id};
+use serde_json::{Value, json};
+
+fn create_body(id: &str, blueprint: Value, variables: Value, port: Value) -> Value {
+    json!({
+        "id": id,
+        "blueprint": blueprint,
+        "variables": variables,
+        "allocations": {"default": {"ip": "127.0.0.1", "port": port}},
+    })
+}
+
+/// Asserts the envelope, and that nothing was made for `id`.
+async fn assert_refused(wings: &Wings, id: &str, body: Value, status: u16, code: &str, field: Option<&str>) {
+    let (got, answer) = wings.post("/api/servers", body).await;
+    assert_eq!(got, status, "{answer}");
+    assert_eq!(answer["error"]["code"], code, "{answer}");
+    assert!(
+        answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{answer}"
+    );
+    if let Some(field) = field {
+        let details = answer["error"]["details"].as_array().cloned().unwrap_or_default();
+        assert!(
+            details.iter().any(|d| d["field"] == field),
+            "expected a detail for {field}: {answer}"
+        );
+    }
+    assert_eq!(
+        wings.get(&format!("/api/servers/{id}")).await.0,
+        404,
+        "{id} must not exist"
+    );
+    assert!(!wings.data_dir().join("servers").join(id).exists());
+    assert!(!wings.data_dir().join("volumes").join(id).exists());
+    assert!(!common::docker(&["inspect", &format!("mamba-{id}")]).0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_creates_are_refused_and_nothing_is_created() {
+    let wings = Wings::start().await;
+    let id = unique_id("bad");
+    let port = free_port();
+
+    // Unknown variable, and a variable that breaks its rule.
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({"NOPE": "1"}), json!(port)),
+        422,
+        "validation_failed",
+        Some("variables.NOPE"),
+    )
+    .await;
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({"FAKE_EXIT_CODE": "300"}), json!(port)),
+        422,
+        "validation_failed",
+        Some("variables.FAKE_EXIT_CODE"),
+    )
+    .await;
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({"GREETING": "Robert'); DROP"}), json!(port)),
+        422,
+        "validation_failed",
+        Some("variables.GREETING"),
+    )
+    .await;
+
+    // Ports out of range: 0 is refused by validation, 70000 is not even a port number.
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({}), json!(0)),
+        422,
+        "validation_failed",
+        Some("allocations.default.port"),
+    )
+    .await;
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({}), json!(70000)),
+        400,
+        "invalid_request",
+        None,
+    )
+    .await;
+    // A port something else already holds.
+    let holder = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let taken = holder.local_addr().unwrap().port();
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, testbox(), json!({}), json!(taken)),
+        409,
+        "port_in_use",
+        Some("allocations.default"),
+    )
+    .await;
+    // An address that is not on this node.
+    let mut body = create_body(&id, testbox(), json!({}), json!(port));
+    body["allocations"]["default"]["ip"] = json!("192.0.2.1");
+    assert_refused(
+        &wings,
+        &id,
+        body,
+        422,
+        "validation_failed",
+        Some("allocations.default.ip"),
+    )
+    .await;
+
+    // A missing image (no registry: images are never pulled).
+    let mut blueprint = testbox();
+    blueprint["images"] = json!([{"label": "gone", "image": "mamba/does-not-exist:1"}]);
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, blueprint, json!({}), json!(port)),
+        422,
+        "image_missing",
+        Some("image"),
+    )
+    .await;
+    let mut blueprint = testbox();
+    blueprint["install"]["image"] = json!("mamba/no-installer:1");
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, blueprint, json!({}), json!(port)),
+        422,
+        "image_missing",
+        Some("blueprint.install.image"),
+    )
+    .await;
+
+    // Malformed blueprints: a missing field, and one that is there but wrong.
+    let mut blueprint = testbox();
+    blueprint.as_object_mut().unwrap().remove("stop");
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, blueprint, json!({}), json!(port)),
+        400,
+        "invalid_request",
+        None,
+    )
+    .await;
+    let mut blueprint = testbox();
+    blueprint["running"]["console_regex"] = json!("(unclosed");
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, blueprint, json!({}), json!(port)),
+        422,
+        "validation_failed",
+        Some("blueprint.running.console_regex"),
+    )
+    .await;
+    let mut blueprint = testbox();
+    blueprint["startup"] = json!("fake-game {{SECRET_TOKEN}}");
+    assert_refused(
+        &wings,
+        &id,
+        create_body(&id, blueprint, json!({}), json!(port)),
+        422,
+        "validation_failed",
+        Some("blueprint.startup"),
+    )
+    .await;
+
+    // Ids that are not path-safe never reach the disk.
+    for bad_id in ["../etc", "a/b", "", "x y"] {
+        let (status, answer) = wings
+            .post(
+                "/api/servers",
+                create_body(bad_id, testbox(), json!({}), json!(port)),
+            )
+            .await;
+        assert_eq!(status, 400, "{bad_id:?}: {answer}");
+    }
+    let (status, answer) = wings.post_raw("/api/servers", "{not json").await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // A duplicate id.
+    let (status, _) = wings
+        .post(
+            "/api/servers",
+            create_body(&id, testbox(), json!({}), json!(port)),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let (status, answer) = wings
+        .post(
+            "/api/servers",
+            create_body(&id, testbox(), json!({}), json!(free_port())),
+        )
+        .await;
+    assert_eq!(
+        (status, answer["error"]["code"].as_str()),
+        (409, Some("duplicate_id")),
+        "{answer}"
+    );
+    // The same port as the first server, even though it is not bound yet.
+    let other = unique_id("bad");
+    assert_refused(
+        &wings,
+        &other,
+        create_body(&other, testbox(), json!({}), json!(port)),
+        409,
+        "port_in_use",
+        Some("allocations.default"),
+    )
+    .await;
+    let (_, list) = wings.get("/api/servers").await;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_on_servers_get_the_envelope() {
+    let wings = Wings::start().await;
+    let (status, body) = wings.power("no-such-server", "start").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, body) = wings
+        .post("/api/servers/no-such-server/commands", json!({"commands": ["x"]}))
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+    let (status, _) = wings.delete("/api/servers/no-such-server").await;
+    assert_eq!(status, 404);
+
+    let id = unique_id("box");
+    wings.create(&id, testbox(), json!({}), free_port()).await;
+    wings
+        .wait_state(&id, "running", std::time::Duration::from_secs(60))
+        .await;
+    let (status, body) = wings
+        .post(&format!("/api/servers/{id}/power"), json!({"action": "explode"}))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let (status, body) = wings
+        .post(
+            &format!("/api/servers/{id}/commands"),
+            json!({"commands": ["two\nlines"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let (status, _) = wings
+        .post(&format!("/api/servers/{id}/commands"), json!({"commands": []}))
+        .await;
+    assert_eq!(status, 400);
+    let (status, body) = wings.get("/api/nope").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
+
+    // Without the node token nothing answers but /healthz.
+    let r = wings.http.get(wings.url("/api/servers")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = wings
+        .http
+        .get(wings.url("/api/servers"))
+        .bearer_auth("wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+
+    // Commands to a stopped server are refused, not lost silently.
+    assert_eq!(wings.power(&id, "stop").await.0, 202);
+    wings
+        .wait_state(&id, "offline", std::time::Duration::from_secs(60))
+        .await;
+    let (status, body) = wings
+        .post(
+            &format!("/api/servers/{id}/commands"),
+            json!({"commands": ["say hi"]}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("not_running"))
+    );
+}

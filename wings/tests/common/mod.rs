@@ -1,0 +1,332 @@
+//! Test harness: a real `wings` process with its own port, data folder and Docker network
+//! name prefix, driven over HTTP. Everything it made is removed on drop.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
+
+pub struct Wings {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    extra_config: String,
+}
+
+/// A port that is free for both TCP and UDP on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
+            return port;
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A blueprint file as the JSON document the panel would send.
+pub fn blueprint(path: &str) -> Value {
+    let text = std::fs::read_to_string(workspace_root().join(path)).unwrap();
+    serde_norway::from_str(&text).unwrap()
+}
+
+pub fn testbox() -> Value {
+    blueprint("wings/tests/fixtures/testbox.yaml")
+}
+
+pub fn unique_id(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn docker(args: &[&str]) -> (bool, String) {
+    let out = Command::new("docker").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+impl Wings {
+    pub async fn start() -> Wings {
+        Self::start_with("").await
+    }
+
+    /// `extra_config` is appended to the config file (TOML sections).
+    pub async fn start_with(extra_config: &str) -> Wings {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::Builder::new()
+            .prefix("mamba-wings-test")
+            .tempdir()
+            .unwrap();
+        let mut wings = Wings {
+            child: None,
+            port: free_port(),
+            dir,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            extra_config: extra_config.to_string(),
+        };
+        wings.spawn().await;
+        wings
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("wings.toml")
+    }
+
+    async fn spawn(&mut self) {
+        // The test's own sections come first so that later keys can extend them.
+        let config = format!(
+            "[api]\nlisten = \"127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\n\n[system]\ndata_dir = \"{}\"\n\n{}\n",
+            self.port,
+            self.data_dir().display(),
+            self.extra_config
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("wings.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_wings"))
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_LOG", "info,mamba_wings=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = self.url("/healthz");
+        let http = self.http.clone();
+        wait_for("wings to answer /healthz", Duration::from_secs(30), || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            }
+        })
+        .await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wings.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to clean up or save anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        self.child = None;
+        status
+    }
+
+    pub async fn restart(&mut self) {
+        self.spawn().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn create(&self, id: &str, blueprint: Value, variables: Value, port: u16) -> Value {
+        let (status, body) = self
+            .post(
+                "/api/servers",
+                json!({
+                    "id": id,
+                    "blueprint": blueprint,
+                    "variables": variables,
+                    "allocations": {"default": {"ip": "127.0.0.1", "port": port}},
+                    "start_on_completion": true,
+                }),
+            )
+            .await;
+        assert_eq!(status, 202, "create {id}: {body}");
+        body
+    }
+
+    pub async fn server(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/api/servers/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn state(&self, id: &str) -> String {
+        self.server(id).await["state"].as_str().unwrap().to_string()
+    }
+
+    pub async fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(&format!("{id} to be {state}"), timeout, || async move {
+            let server = self.server(id).await;
+            (server["state"] == state).then_some(server)
+        })
+        .await
+    }
+
+    pub async fn logs(&self, id: &str) -> Vec<String> {
+        let (_, body) = self.get(&format!("/api/servers/{id}/logs?lines=500")).await;
+        body["lines"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|l| l.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub async fn wait_log(&self, id: &str, needle: &str, timeout: Duration) -> Vec<String> {
+        wait_for(&format!("{id} to log {needle:?}"), timeout, || async move {
+            let lines = self.logs(id).await;
+            lines.iter().any(|l| l.contains(needle)).then_some(lines)
+        })
+        .await
+    }
+
+    pub async fn power(&self, id: &str, action: &str) -> (u16, Value) {
+        self.post(&format!("/api/servers/{id}/power"), json!({"action": action}))
+            .await
+    }
+
+    pub async fn command(&self, id: &str, command: &str) {
+        let (status, body) = self
+            .post(
+                &format!("/api/servers/{id}/commands"),
+                json!({"commands": [command]}),
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+    }
+
+    /// Containers wings made for this test's data folder.
+    pub fn containers(&self) -> Vec<String> {
+        let filter = format!("label=mamba.data-dir={}", self.data_dir().display());
+        let (_, out) = docker(&["ps", "-aq", "--filter", &filter]);
+        out.lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for Wings {
+    fn drop(&mut self) {
+        self.kill9();
+        for id in self.containers() {
+            let _ = docker(&["rm", "-f", &id]);
+        }
+        if std::thread::panicking() {
+            eprintln!("--- wings log ---\n{}", self.log());
+        }
+    }
+}
