@@ -52,7 +52,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BLUEPRINT = REPO / "wings" / "tests" / "fixtures" / "testbox.yaml"
-DEFAULT_WINGS = Path(os.environ.get("CARGO_TARGET_DIR", "/work/target")) / "release" / "wings"
+# Same default target folder as scripts/test.sh and scripts/run.sh.
+DEFAULT_WINGS = (
+    Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache" / "mamba" / "target")) / "release" / "wings"
+)
 REPRODUCE = "python3 scripts/bench/wings_runtime.py"
 
 IMAGE = "mamba/testbox:latest"
@@ -688,7 +691,7 @@ def render(results: dict) -> str:
         "- wings latency is polled with `GET /api/servers/{id}` every 20 ms, so it carries up to 20 ms of "
         "polling delay; the docker baseline reads the ready line from `docker start -a` as it is written, "
         "with no polling delay. Percentiles are nearest-rank.",
-        "- The baseline container is the bare one the benchmark brief specifies (same image, user, network "
+        "- The baseline container is a bare one (same image, user, network "
         "and `FAKE_BOOT_LINES=0`). wings' container additionally publishes the game port on 127.0.0.1, sets "
         "memory/CPU/pids limits, a read-only root with a `/tmp` tmpfs, bind-mounts the server folder, drops "
         "all capabilities and keeps stdin open; wings also checks the image and port and writes its state "

@@ -260,6 +260,21 @@ async fn memory_hog_is_oom_killed_and_reported() {
     assert!(daemon_lines(&wings.logs(&id).await, "out of memory").len() == 1);
 }
 
+/// The container's pids cgroup, for cgroup v1 and v2 with either Docker cgroup driver.
+fn pids_cgroup(container: &str) -> std::path::PathBuf {
+    let candidates = [
+        format!("/sys/fs/cgroup/pids/docker/{container}"),
+        format!("/sys/fs/cgroup/pids/system.slice/docker-{container}.scope"),
+        format!("/sys/fs/cgroup/docker/{container}"),
+        format!("/sys/fs/cgroup/system.slice/docker-{container}.scope"),
+    ];
+    candidates
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("pids.max").exists())
+        .unwrap_or_else(|| panic!("no pids cgroup found for {container} in {candidates:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn fork_bomb_stays_inside_its_pids_limit() {
     let wings = Wings::start().await;
@@ -270,8 +285,9 @@ async fn fork_bomb_stays_inside_its_pids_limit() {
         .to_string();
     wings.command(&id, "forkbomb").await;
     // The cgroup's pids controller records refused forks once the bomb hits the limit.
-    let events = format!("/sys/fs/cgroup/pids/docker/{container}/pids.events");
-    let max = format!("/sys/fs/cgroup/pids/docker/{container}/pids.max");
+    let cgroup = pids_cgroup(&container);
+    let events = cgroup.join("pids.events");
+    let max = cgroup.join("pids.max");
     wait_for("forks to be refused by the pids limit", T, || async {
         let refused = std::fs::read_to_string(&events).ok()?;
         let n: u64 = refused.split_whitespace().nth(1)?.parse().ok()?;
