@@ -145,6 +145,10 @@ build_one() {
   add_container_user "$root"
   local imported="mamba/$name:import-$hash"
   tar --numeric-owner -C "$root" -c . | docker import - "$imported" >/dev/null
+  rm -rf "$root"
+  # The build only adds metadata on top of the import, so its context is an empty folder.
+  local context="$work/context"
+  mkdir -p "$context"
   {
     echo "FROM $imported"
     echo "LABEL $hash_label=\"$hash\" org.mamba.image=\"$name\""
@@ -153,8 +157,8 @@ build_one() {
     echo "USER $container_uid:$container_gid"
     echo "WORKDIR /home/container"
     echo "CMD $CMD"
-  } >"$work/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q -t "$image" "$work" >/dev/null 2>"$work/build.err" || { cat "$work/build.err" >&2; die "docker build of $image failed"; }
+  } >"$context/Dockerfile"
+  DOCKER_BUILDKIT=0 docker build -q -t "$image" "$context" >/dev/null 2>"$work/build.err" || { cat "$work/build.err" >&2; die "docker build of $image failed"; }
   docker image rm "$imported" >/dev/null 2>&1 || true
   rm -rf "$work"
   log "built $image"

@@ -128,6 +128,24 @@ pub struct InstallInfo {
     pub error: Option<String>,
 }
 
+impl InstallInfo {
+    pub fn new(status: InstallStatus) -> InstallInfo {
+        InstallInfo {
+            status,
+            exit_code: None,
+            error: None,
+        }
+    }
+
+    pub fn failed(exit_code: Option<i64>, error: impl Into<String>) -> InstallInfo {
+        InstallInfo {
+            status: InstallStatus::Failed,
+            exit_code,
+            error: Some(error.into()),
+        }
+    }
+}
+
 /// Why a server last stopped without being asked to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitInfo {

@@ -159,7 +159,7 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads `path` (which may be missing only if `allow_missing`), then `WINGS_*` variables.
+    /// Reads `path`, then `WINGS_*` environment variables on top.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         if !path.exists() {
             return Err(ConfigError::Invalid(format!("{} does not exist", path.display())));
@@ -167,14 +167,14 @@ impl Config {
         Self::from_figment(Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(path)))
     }
 
-    /// Defaults plus `WINGS_*` variables only.
-    pub fn from_env() -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::from(Serialized::defaults(Config::default())))
-    }
-
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment
-            .merge(Env::prefixed("WINGS_").split("__"))
+            // WINGS_CONFIG and WINGS_LOG_JSON are command-line options, not config keys.
+            .merge(
+                Env::prefixed("WINGS_")
+                    .ignore(&["config", "log_json"])
+                    .split("__"),
+            )
             .extract()
             .map_err(Box::new)?;
         config.validate()?;
@@ -258,6 +258,8 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("WINGS_API__LISTEN", "127.0.0.1:9999");
             jail.set_env("WINGS_CRASH_GUARD__MAX_ATTEMPTS", "7");
+            jail.set_env("WINGS_CONFIG", "/elsewhere.toml");
+            jail.set_env("WINGS_LOG_JSON", "true");
             let config = Config::load(&path).unwrap();
             assert_eq!(config.api.listen.port(), 9999);
             assert_eq!(config.crash_guard.max_attempts, 7);

@@ -202,15 +202,17 @@ async fn recovery_reconciles_drift_and_cleans_leftover_install_containers() {
     })
     .await;
 
+    let dead = docker(&["inspect", "-f", "{{.Id}}", &format!("mamba-{up}")]).1;
     wings.kill9();
     // Drift while wings is down: the running server's container dies.
     docker(&["kill", &format!("mamba-{up}")]);
     wings.restart().await;
 
-    // The drifted server is brought back to its desired state (running) ...
+    // The drifted server is brought back to its desired state (running), in a new container ...
     wait_for("the drifted server to run again", T, || async {
         let s = wings.server(&up).await;
-        (s["state"] == "running").then_some(())
+        let (_, running) = docker(&["inspect", "-f", "{{.State.Running}}", &format!("mamba-{up}")]);
+        (s["state"] == "running" && running == "true" && s["container_id"] != dead.as_str()).then_some(())
     })
     .await;
     // ... and the interrupted install is cleaned up and reported, not left hanging.

@@ -58,7 +58,7 @@ impl CrashGuard {
         Verdict::RestartAfter(Duration::from_millis(delay))
     }
 
-    /// A deliberate start or stop forgives earlier crashes.
+    /// A deliberate start or restart forgives earlier crashes.
     pub fn reset(&mut self) {
         self.recent.clear();
     }

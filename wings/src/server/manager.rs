@@ -70,8 +70,14 @@ impl Manager {
         let data_dir = self.ctx.config.system.data_dir.display().to_string();
         let containers = self.ctx.docker.list_managed(&data_dir).await?;
         let mut records = Vec::new();
+        // Every server folder counts as known, even one whose state cannot be read, so its
+        // container is never mistaken for an orphan and removed.
+        let mut known = std::collections::HashSet::new();
         for entry in std::fs::read_dir(self.ctx.servers_dir())? {
             let dir = entry?.path();
+            if let Some(name) = dir.file_name() {
+                known.insert(name.to_string_lossy().to_string());
+            }
             match store::load(&dir) {
                 Ok(record) => records.push(record),
                 Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -80,8 +86,6 @@ impl Manager {
                 Err(e) => tracing::error!(path = %dir.display(), "cannot read the server's state: {e}"),
             }
         }
-        let known: std::collections::HashSet<String> =
-            records.iter().map(|r| r.spec.id.to_string()).collect();
         for container in &containers {
             let leftover_install = container.kind == Some(ContainerKind::Install);
             let orphan = !known.contains(&container.server);

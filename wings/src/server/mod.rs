@@ -711,43 +711,24 @@ impl Server {
     async fn install(self: &Arc<Self>) {
         let spec = self.spec();
         if spec.blueprint.install.is_none() {
-            self.with_record(|r| {
-                r.install = InstallInfo {
-                    status: InstallStatus::Installed,
-                    exit_code: None,
-                    error: None,
-                }
-            });
+            self.with_record(|r| r.install = InstallInfo::new(InstallStatus::Installed));
             self.set_state(ServerState::Offline);
             return;
         }
-        self.with_record(|r| {
-            r.install = InstallInfo {
-                status: InstallStatus::Installing,
-                exit_code: None,
-                error: None,
-            }
-        });
+        self.with_record(|r| r.install = InstallInfo::new(InstallStatus::Installing));
         self.set_state(ServerState::Installing);
         self.console.daemon("Installing server");
         let outcome = self.run_install(&spec).await;
         let _ = self.ctx.docker.remove(&spec.install_container_name()).await;
         let info = match outcome {
             Ok(0) => InstallInfo {
-                status: InstallStatus::Installed,
                 exit_code: Some(0),
-                error: None,
+                ..InstallInfo::new(InstallStatus::Installed)
             },
-            Ok(code) => InstallInfo {
-                status: InstallStatus::Failed,
-                exit_code: Some(code),
-                error: Some(format!("the install script exited with code {code}")),
-            },
-            Err(e) => InstallInfo {
-                status: InstallStatus::Failed,
-                exit_code: None,
-                error: Some(e.to_string()),
-            },
+            Ok(code) => {
+                InstallInfo::failed(Some(code), format!("the install script exited with code {code}"))
+            }
+            Err(e) => InstallInfo::failed(None, e.to_string()),
         };
         match &info.error {
             None => self.console.daemon("Install finished"),
@@ -841,11 +822,7 @@ impl Server {
             || record.install.status == InstallStatus::Pending
         {
             self.with_record(|r| {
-                r.install = InstallInfo {
-                    status: InstallStatus::Failed,
-                    exit_code: None,
-                    error: Some("the install was interrupted by a wings restart".into()),
-                }
+                r.install = InstallInfo::failed(None, "the install was interrupted by a wings restart")
             });
             self.console
                 .daemon("The install was interrupted by a wings restart; reinstall the server");
@@ -873,6 +850,8 @@ impl Server {
                 if record.desired == Desired::Running {
                     self.console
                         .daemon("The server was not running after a wings restart; starting it");
+                    // The saved state still says it is up; it is not.
+                    self.set_state(ServerState::Offline);
                     self.start().await?;
                 } else if record.state != ServerState::Crashed {
                     self.set_state(ServerState::Offline);
@@ -911,11 +890,7 @@ pub fn new_record(spec: ServerSpec, start_on_completion: bool) -> ServerRecord {
         spec,
         desired: Desired::Offline,
         state: ServerState::Offline,
-        install: InstallInfo {
-            status: InstallStatus::Pending,
-            exit_code: None,
-            error: None,
-        },
+        install: InstallInfo::new(InstallStatus::Pending),
         crash: CrashInfo {
             attempts: 0,
             last_exit: None,
