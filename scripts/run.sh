@@ -3,13 +3,13 @@
 # defaults. Until the panel exists, wings is driven directly over its HTTP API.
 #
 # Usage: scripts/run.sh            (Ctrl-C stops wings; the game server keeps running)
-# Env:   MAMBA_HOME  state folder (default ./.mamba), WINGS_PORT (8080), DEMO_PORT (5556)
+# Env:   MAMBA_HOME  state folder (default ./.mamba), MAMBA_WINGS_PORT (8080), MAMBA_DEMO_PORT (5556)
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 home=${MAMBA_HOME:-$repo/.mamba}
-wings_port=${WINGS_PORT:-8080}
-demo_port=${DEMO_PORT:-5556}
+wings_port=${MAMBA_WINGS_PORT:-8080}
+demo_port=${MAMBA_DEMO_PORT:-5556}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mamba/target}
 
 [ "$(id -u)" -eq 0 ] || { echo "run.sh: run as root (wings drives Docker and owns server folders)" >&2; exit 1; }
