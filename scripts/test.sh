@@ -19,6 +19,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+step "python test clients (websockets, rcon)"
+# Real clients in another process: the console socket's and an independent RCON client.
+python3 -c 'import websockets, rcon' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    'websockets>=14,<18' 'rcon>=2.4,<3'
+
 step "game images (rebuilt only when a recipe changes)"
 bash scripts/images.sh
 

@@ -223,3 +223,49 @@ pub struct DockerInfo {
     pub cgroup_version: String,
     pub containers_running: i64,
 }
+
+/// A server's resource use: `GET /api/servers/{id}/resources`, and the `stats` event of the
+/// console socket (there as a JSON string, as Pterodactyl-style front ends expect).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceStats {
+    pub state: ServerState,
+    /// CPU use in percent of one core (200 = two cores fully busy).
+    pub cpu_absolute: f64,
+    /// Memory in use, without the kernel's reclaimable page cache.
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub network: NetworkStats,
+    /// Bytes used by the server's files.
+    pub disk_bytes: u64,
+    /// Milliseconds since the container started; 0 when it is not running.
+    pub uptime_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NetworkStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// `POST /api/servers/{id}/deauthorize`: closes the user's console sockets on the server and
+/// refuses every token issued to them until now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeauthorizeRequest {
+    pub user: String,
+}
+
+/// `POST /api/tokens/deny`: puts token ids on the deny list until the tokens expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyTokensRequest {
+    pub tokens: Vec<DeniedToken>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeniedToken {
+    pub jti: String,
+    /// The token's `exp` (Unix seconds); the entry is forgotten after it.
+    pub expires_at: u64,
+}

@@ -19,6 +19,8 @@ pub struct Config {
     pub docker: DockerConfig,
     pub console: ConsoleConfig,
     pub crash_guard: CrashGuardConfig,
+    pub websocket: WebsocketConfig,
+    pub tokens: TokensConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +112,10 @@ pub struct ConsoleConfig {
     pub max_line_bytes: usize,
     /// The on-disk console log is rotated when it reaches this size, in bytes.
     pub log_file_max_bytes: u64,
+    /// Lines replayed to a console socket after it authenticates, and on `send logs`.
+    pub replay_lines: usize,
+    /// Per-server flood limit: lines beyond this rate are dropped (and counted for clients).
+    pub lines_per_second: u32,
 }
 
 impl Default for ConsoleConfig {
@@ -118,6 +124,64 @@ impl Default for ConsoleConfig {
             buffer_lines: 500,
             max_line_bytes: 4096,
             log_file_max_bytes: 5 * 1024 * 1024,
+            replay_lines: 150,
+            lines_per_second: 20_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebsocketConfig {
+    /// Console sockets open at once on one server; more are closed with code 1013.
+    pub max_sockets_per_server: usize,
+    /// Largest inbound message, in bytes; bigger ones close the socket with code 1009.
+    pub max_message_bytes: usize,
+    /// Inbound messages allowed per window; extra ones are dropped, and a client that keeps
+    /// sending is closed with code 1008.
+    pub messages_per_window: u32,
+    pub message_window_ms: u64,
+    /// A socket must authenticate within this many seconds (also after its token expired).
+    pub auth_timeout_secs: u64,
+    /// How often stats are pushed to connected sockets, in milliseconds.
+    pub stats_interval_ms: u64,
+    /// Browser origins allowed to open sockets (for example "https://panel.example.com").
+    /// Empty allows any origin: sockets authenticate with a token, not a cookie.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for WebsocketConfig {
+    fn default() -> Self {
+        WebsocketConfig {
+            max_sockets_per_server: 30,
+            max_message_bytes: 4096,
+            messages_per_window: 10,
+            message_window_ms: 200,
+            auth_timeout_secs: 10,
+            stats_interval_ms: 2000,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokensConfig {
+    /// The panel's Ed25519 public key (PEM) that signs console tokens. Empty refuses every
+    /// token.
+    pub panel_public_key_file: String,
+    /// Tokens issued before this Unix time are refused: set it when the signing key changes.
+    pub not_before: u64,
+    /// Longest lifetime (exp - iat) a token may have, in seconds.
+    pub max_lifetime_secs: u64,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            panel_public_key_file: String::new(),
+            not_before: 0,
+            max_lifetime_secs: 900,
         }
     }
 }
@@ -197,6 +261,21 @@ impl Config {
         }
         if self.console.buffer_lines == 0 || self.console.max_line_bytes < 80 {
             return bad("console.buffer_lines must be at least 1 and console.max_line_bytes at least 80");
+        }
+        if self.console.lines_per_second == 0 {
+            return bad("console.lines_per_second must be at least 1");
+        }
+        let ws = &self.websocket;
+        if ws.max_sockets_per_server == 0 || ws.messages_per_window == 0 || ws.message_window_ms == 0 {
+            return bad(
+                "websocket.max_sockets_per_server, messages_per_window and message_window_ms must be at least 1",
+            );
+        }
+        if ws.max_message_bytes < 1024 {
+            return bad("websocket.max_message_bytes must be at least 1024 (a token must fit)");
+        }
+        if !(60..=3600).contains(&self.tokens.max_lifetime_secs) {
+            return bad("tokens.max_lifetime_secs must be between 60 and 3600");
         }
         if self.crash_guard.max_attempts == 0 {
             return bad("crash_guard.max_attempts must be at least 1");

@@ -13,7 +13,8 @@ use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -87,6 +88,72 @@ pub struct ContainerStatus {
     pub id: String,
     pub running: bool,
     pub exit: ExitStatus,
+    /// When the current (or last) run started, in Unix milliseconds.
+    pub started_at_ms: Option<u64>,
+    /// The container's address on each network it joined.
+    pub addresses: HashMap<String, String>,
+}
+
+/// One resource sample of a running container.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResourceSample {
+    /// Percent of one core.
+    pub cpu_absolute: f64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+impl ResourceSample {
+    fn from_stats(stats: &bollard::models::ContainerStatsResponse) -> ResourceSample {
+        let total = |c: &Option<bollard::models::ContainerCpuStats>| {
+            let c = c.as_ref();
+            (
+                c.and_then(|c| c.cpu_usage.as_ref()?.total_usage).unwrap_or(0),
+                c.and_then(|c| c.system_cpu_usage).unwrap_or(0),
+            )
+        };
+        let (cpu, system) = total(&stats.cpu_stats);
+        let (pre_cpu, pre_system) = total(&stats.precpu_stats);
+        let cpus = stats
+            .cpu_stats
+            .as_ref()
+            .and_then(|c| c.online_cpus)
+            .filter(|&n| n > 0)
+            .unwrap_or(1);
+        let cpu_delta = cpu.saturating_sub(pre_cpu) as f64;
+        let system_delta = system.saturating_sub(pre_system) as f64;
+        let cpu_absolute = if pre_system > 0 && system_delta > 0.0 {
+            cpu_delta / system_delta * f64::from(cpus) * 100.0
+        } else {
+            0.0
+        };
+        let memory = stats.memory_stats.as_ref();
+        // Page cache the kernel can reclaim is not the game's memory (cgroup v1 and v2 names).
+        let inactive_file = memory
+            .and_then(|m| m.stats.as_ref())
+            .and_then(|s| {
+                s.get("total_inactive_file")
+                    .or_else(|| s.get("inactive_file"))
+                    .copied()
+            })
+            .unwrap_or(0);
+        let memory_bytes = memory
+            .and_then(|m| m.usage)
+            .unwrap_or(0)
+            .saturating_sub(inactive_file);
+        let (rx_bytes, tx_bytes) = stats.networks.iter().flatten().fold((0, 0), |(rx, tx), (_, n)| {
+            (rx + n.rx_bytes.unwrap_or(0), tx + n.tx_bytes.unwrap_or(0))
+        });
+        ResourceSample {
+            cpu_absolute: (cpu_absolute * 1000.0).round() / 1000.0,
+            memory_bytes,
+            memory_limit_bytes: memory.and_then(|m| m.limit).unwrap_or(0),
+            rx_bytes,
+            tx_bytes,
+        }
+    }
 }
 
 /// Docker repeats the same warning for every container (for example that the kernel has no
@@ -152,12 +219,35 @@ impl DockerClient {
             labels: Some(labels),
             ..Default::default()
         };
-        match self.timed(self.docker.create_network(request)).await {
-            Ok(_) => Ok(()),
+        let created = match self.timed(self.docker.create_network(request)).await {
+            Ok(created) => created.id,
             // Another wings on this engine created it at the same moment.
-            Err(DockerError::Api(BollardError::DockerResponseServerError { status_code: 409, .. })) => Ok(()),
-            Err(e) => Err(e),
+            Err(DockerError::Api(BollardError::DockerResponseServerError { status_code: 409, .. })) => {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // Engines before API 1.44 let two creations race to two networks of one name, which
+        // makes the name ambiguous. Every racer keeps the same one (the smallest id).
+        let mut filters = HashMap::new();
+        filters.insert("name".to_string(), vec![name.to_string()]);
+        let options = ListNetworksOptionsBuilder::new().filters(&filters).build();
+        let mut same_name: Vec<String> = self
+            .timed(self.docker.list_networks(Some(options)))
+            .await?
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| n.id)
+            .collect();
+        same_name.sort();
+        if same_name.len() > 1 && same_name.first() != Some(&created) {
+            match self.timed(self.docker.remove_network(&created)).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 
     pub async fn image_exists(&self, image: &str) -> Result<bool, DockerError> {
@@ -225,6 +315,20 @@ impl DockerClient {
             Err(e) => return Err(e),
         };
         let state = inspected.state.unwrap_or_default();
+        let started_at_ms = state
+            .started_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+            .filter(|&ms| ms > 0);
+        let addresses = inspected
+            .network_settings
+            .and_then(|n| n.networks)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(name, endpoint)| Some((name, endpoint.ip_address.filter(|ip| !ip.is_empty())?)))
+            .collect();
         Ok(Some(ContainerStatus {
             id: inspected.id.unwrap_or_default(),
             running: state.running.unwrap_or(false),
@@ -232,6 +336,8 @@ impl DockerClient {
                 code: state.exit_code.unwrap_or(-1),
                 oom_killed: state.oom_killed.unwrap_or(false),
             },
+            started_at_ms,
+            addresses,
         }))
     }
 
@@ -248,6 +354,18 @@ impl DockerClient {
             code: -1,
             oom_killed: false,
         }))
+    }
+
+    /// Docker's resource samples of a running container, about one a second, until it stops.
+    pub fn stats(
+        &self,
+        id: &str,
+    ) -> impl futures_util::Stream<Item = Result<ResourceSample, DockerError>> + use<> {
+        let options = StatsOptionsBuilder::new().stream(true).build();
+        self.docker.stats(id, Some(options)).map(|s| {
+            s.map(|s| ResourceSample::from_stats(&s))
+                .map_err(DockerError::from)
+        })
     }
 
     pub async fn list_managed(&self, data_dir: &str) -> Result<Vec<ManagedContainer>, DockerError> {

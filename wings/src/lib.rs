@@ -5,5 +5,8 @@ pub mod config;
 pub mod config_files;
 pub mod docker;
 pub mod jail;
+pub mod rcon;
 pub mod server;
 pub mod system;
+pub mod tokens;
+pub mod websocket;

@@ -10,6 +10,8 @@ use mamba_wings::api::{self, AppState};
 use mamba_wings::config::Config;
 use mamba_wings::server::manager::Manager;
 use mamba_wings::system::SystemProbe;
+use mamba_wings::tokens::TokenVerifier;
+use mamba_wings::websocket::SessionSettings;
 
 #[derive(Parser)]
 #[command(
@@ -67,12 +69,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let workers = config.api.workers;
         let max_json = config.api.max_json_bytes;
         let token = config.api.token.clone();
+        let tokens = Arc::new(TokenVerifier::new(&config.tokens, &config.system.data_dir)?);
+        let websocket = Arc::new(SessionSettings {
+            config: config.websocket.clone(),
+            replay_lines: config.console.replay_lines,
+            tokens: tokens.clone(),
+        });
         let manager = Manager::start(config).await?;
         let state = web::Data::new(AppState {
             manager: manager.clone(),
             runtime: tokio::runtime::Handle::current(),
             token,
             system: SystemProbe::default(),
+            tokens,
+            websocket,
         });
         let server = HttpServer::new(move || {
             App::new()

@@ -6,6 +6,7 @@ use actix_web::{HttpResponse, ResponseError};
 use mamba_shared::blueprint::FieldError;
 use mamba_shared::error::{ErrorBody, ErrorEnvelope};
 
+use crate::rcon::RconError;
 use crate::server::ServerError;
 use crate::server::manager::CreateError;
 
@@ -107,6 +108,16 @@ impl From<ServerError> for ApiError {
             ServerError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             ServerError::Failed(m) => ApiError::new(StatusCode::BAD_GATEWAY, "failed", m),
             ServerError::Docker(e) => ApiError::new(StatusCode::BAD_GATEWAY, "docker", e.to_string()),
+            ServerError::Rcon(e) => {
+                let status = match e {
+                    RconError::Unavailable(_) | RconError::Timeout(_) | RconError::Io(_) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                    RconError::CommandTooLong => StatusCode::BAD_REQUEST,
+                    RconError::AuthFailed | RconError::Protocol(_) => StatusCode::BAD_GATEWAY,
+                };
+                ApiError::new(status, "rcon", e.to_string())
+            }
         }
     }
 }

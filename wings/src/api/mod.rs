@@ -16,7 +16,8 @@ use actix_web::middleware::{Next, from_fn};
 use actix_web::{HttpRequest, HttpResponse, web};
 use mamba_shared::ids::ServerId;
 use mamba_shared::wings_api::{
-    CommandsRequest, CreateServerRequest, LogsResponse, PowerAccepted, PowerRequest,
+    CommandsRequest, CreateServerRequest, DeauthorizeRequest, DenyTokensRequest, LogsResponse, PowerAccepted,
+    PowerRequest,
 };
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -25,6 +26,8 @@ use self::error::ApiError;
 use crate::server::Server;
 use crate::server::manager::Manager;
 use crate::system::SystemProbe;
+use crate::tokens::TokenVerifier;
+use crate::websocket::{self, SessionSettings};
 
 pub struct AppState {
     pub manager: Arc<Manager>,
@@ -32,11 +35,13 @@ pub struct AppState {
     pub runtime: tokio::runtime::Handle,
     pub token: String,
     pub system: SystemProbe,
+    pub tokens: Arc<TokenVerifier>,
+    pub websocket: Arc<SessionSettings>,
 }
 
 impl AppState {
     /// Runs `fut` on the main runtime: actix workers have runtimes of their own.
-    async fn on_main<T: Send + 'static>(
+    pub(crate) async fn on_main<T: Send + 'static>(
         &self,
         fut: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -46,7 +51,7 @@ impl AppState {
             .map_err(|e| ApiError::internal(format!("task failed: {e}")))
     }
 
-    fn server(&self, id: &str) -> Result<Arc<Server>, ApiError> {
+    pub(crate) fn server(&self, id: &str) -> Result<Arc<Server>, ApiError> {
         let id = ServerId::new(id).map_err(|_| ApiError::not_found("server"))?;
         self.manager.get(&id).ok_or_else(|| ApiError::not_found("server"))
     }
@@ -68,9 +73,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
         "/healthz",
         web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
     )
+    // Console sockets authenticate in-band with the panel's signed token, not the node token.
+    .route("/api/servers/{id}/ws", web::get().to(websocket::connect))
     .service(
         web::scope("/api")
             .wrap(from_fn(require_token))
+            .route("/tokens/deny", web::post().to(deny_tokens))
+            .route("/servers/{id}/deauthorize", web::post().to(deauthorize))
+            .route("/servers/{id}/resources", web::get().to(resources))
             .route("/system", web::get().to(system))
             .route("/servers", web::get().to(list_servers))
             .route("/servers", web::post().to(create_server))
@@ -235,4 +245,57 @@ async fn install_logs(state: web::Data<AppState>, id: web::Path<String>) -> Resu
     Ok(HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")
         .body(server.install_log()))
+}
+
+async fn resources(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let stats = state.on_main(async move { server.resources().await }).await?;
+    Ok(HttpResponse::Ok().json(stats))
+}
+
+/// Longest user or token id accepted; the panel's are far shorter.
+const MAX_ID_BYTES: usize = 256;
+
+async fn deauthorize(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<DeauthorizeRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let server = state.server(&id)?;
+    let user = body.into_inner().user;
+    if user.is_empty() || user.len() > MAX_ID_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "user: give 1 to {MAX_ID_BYTES} bytes"
+        )));
+    }
+    let tokens = state.tokens.clone();
+    web::block(move || tokens.deauthorize(&server.id, &user))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("cannot save the revocation list: {e}")))?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn deny_tokens(
+    state: web::Data<AppState>,
+    body: web::Json<DenyTokensRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let denied = body.into_inner().tokens;
+    if denied.is_empty() || denied.len() > 1000 {
+        return Err(ApiError::bad_request("tokens: give between 1 and 1000 tokens"));
+    }
+    if let Some(bad) = denied
+        .iter()
+        .position(|t| t.jti.is_empty() || t.jti.len() > MAX_ID_BYTES)
+    {
+        return Err(ApiError::bad_request(format!(
+            "tokens[{bad}].jti: give 1 to {MAX_ID_BYTES} bytes"
+        )));
+    }
+    let tokens = state.tokens.clone();
+    web::block(move || denied.iter().try_for_each(|t| tokens.deny(&t.jti, t.expires_at)))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("cannot save the revocation list: {e}")))?;
+    Ok(HttpResponse::NoContent().finish())
 }

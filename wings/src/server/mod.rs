@@ -10,6 +10,7 @@ pub mod console;
 pub mod crash_guard;
 pub mod manager;
 pub mod spec;
+pub mod stats;
 pub mod store;
 
 use std::path::PathBuf;
@@ -29,13 +30,14 @@ use regex::Regex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use self::console::{Console, LineSplitter};
+use self::console::{Console, ConsoleEvent, ConsoleLimits, LineSplitter};
 use self::crash_guard::{CrashGuard, Verdict};
 use self::spec::ServerSpec;
 use self::store::{Desired, ServerRecord};
 use crate::config::Config;
 use crate::docker::{DockerClient, DockerError, ExitStatus};
 use crate::jail::ServerRoot;
+use crate::rcon::{RconClient, RconError};
 
 /// What every server shares: configuration and the Docker client.
 #[derive(Debug)]
@@ -64,6 +66,8 @@ pub enum ServerError {
     Failed(String),
     #[error(transparent)]
     Docker(#[from] DockerError),
+    #[error(transparent)]
+    Rcon(#[from] RconError),
 }
 
 enum Job {
@@ -100,6 +104,12 @@ pub struct Server {
     running_regex: Regex,
     state_dir: PathBuf,
     root_dir: PathBuf,
+    /// Open console sockets, limited by `websocket.max_sockets_per_server`.
+    pub sockets: AtomicUsize,
+    /// Cancelled when the server is deleted, so sockets and samplers let go of it.
+    pub deleted: tokio_util::sync::CancellationToken,
+    stats: stats::Stats,
+    rcon: tokio::sync::Mutex<Option<RconClient>>,
 }
 
 impl std::fmt::Debug for Server {
@@ -127,8 +137,11 @@ impl Server {
         let root_dir = ctx.volumes_dir().join(id.as_str());
         let console = Console::open(
             &state_dir,
-            ctx.config.console.buffer_lines,
-            ctx.config.console.log_file_max_bytes,
+            ConsoleLimits {
+                buffer_lines: ctx.config.console.buffer_lines,
+                log_file_max_bytes: ctx.config.console.log_file_max_bytes,
+                lines_per_second: ctx.config.console.lines_per_second,
+            },
         );
         let (jobs, rx) = mpsc::unbounded_channel();
         let (state_tx, _) = watch::channel(record.state);
@@ -149,6 +162,10 @@ impl Server {
             running_regex,
             state_dir,
             root_dir,
+            sockets: AtomicUsize::new(0),
+            deleted: tokio_util::sync::CancellationToken::new(),
+            stats: stats::Stats::default(),
+            rcon: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(server.clone().actor(rx));
         Ok(server)
@@ -271,27 +288,42 @@ impl Server {
         Ok(())
     }
 
-    /// Writes console commands, in order, to the game.
+    /// Sends console commands, in order, to the game: over RCON when its blueprint says so,
+    /// otherwise to its standard input.
     pub async fn send_commands(&self, commands: &[String]) -> Result<(), ServerError> {
         if !self.state().is_up() {
             return Err(ServerError::NotRunning);
         }
-        let spec_stop = self.with_record(|r| r.spec.blueprint.stop.command.clone());
-        if let ConsoleSpec::Rcon { .. } = self.with_record(|r| r.spec.blueprint.console.clone()) {
-            return Err(ServerError::Failed(
-                "RCON consoles are not supported by this wings yet".into(),
-            ));
+        let (stop_command, console) = self.with_record(|r| {
+            (
+                r.spec.blueprint.stop.command.clone(),
+                r.spec.blueprint.console.clone(),
+            )
+        });
+        for command in commands {
+            // Typing the stop command is a stop, not a crash.
+            if stop_command.as_deref() == Some(command.trim()) {
+                self.expecting_exit.store(true, Ordering::SeqCst);
+                self.with_record(|r| r.desired = Desired::Offline);
+            }
+        }
+        if let ConsoleSpec::Rcon { .. } = console {
+            for command in commands {
+                let answer = self.rcon_exec(command).await?;
+                // The answer is shown like the game's own output, with the same line limits.
+                let mut splitter = LineSplitter::new(self.ctx.config.console.max_line_bytes);
+                let mut lines = Vec::new();
+                splitter.push(answer.as_bytes(), &mut lines);
+                splitter.flush(&mut lines);
+                self.console.push_output(&lines);
+            }
+            return Ok(());
         }
         let mut stdin = self.stdin.lock().await;
         let Some(writer) = stdin.as_mut() else {
             return Err(ServerError::NotRunning);
         };
         for command in commands {
-            // Typing the stop command is a stop, not a crash.
-            if spec_stop.as_deref() == Some(command.trim()) {
-                self.expecting_exit.store(true, Ordering::SeqCst);
-                self.with_record(|r| r.desired = Desired::Offline);
-            }
             let mut line = command.clone().into_bytes();
             line.push(b'\n');
             writer
@@ -304,6 +336,63 @@ impl Server {
             .await
             .map_err(|e| ServerError::Failed(format!("cannot write to the console: {e}")))?;
         Ok(())
+    }
+
+    /// Runs one command over RCON, connecting first if needed. A connection that broke since
+    /// the last command is replaced once; a command is never sent twice.
+    async fn rcon_exec(&self, command: &str) -> Result<String, ServerError> {
+        let mut connection = self.rcon.lock().await;
+        let reused = connection.is_some();
+        let mut client = match connection.take() {
+            Some(client) => client,
+            None => self.rcon_connect().await?,
+        };
+        match client.exec(command).await {
+            Ok(answer) => {
+                *connection = Some(client);
+                Ok(answer)
+            }
+            // The game closed an idle connection (or restarted): the command never arrived.
+            Err(RconError::Io(e)) if reused && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let mut client = self.rcon_connect().await?;
+                let answer = client.exec(command).await?;
+                *connection = Some(client);
+                Ok(answer)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn rcon_connect(&self) -> Result<RconClient, ServerError> {
+        let spec = self.spec();
+        let ConsoleSpec::Rcon {
+            port_variable,
+            password_variable,
+        } = &spec.blueprint.console
+        else {
+            return Err(ServerError::Failed("this server's console is not RCON".into()));
+        };
+        let values = spec.values(&self.ctx.config.system.timezone);
+        let port: u16 = values
+            .get(port_variable)
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| ServerError::Failed(format!("{port_variable} does not hold a port")))?;
+        let password = values.get(password_variable).cloned().unwrap_or_default();
+        let container = self
+            .with_record(|r| r.container_id.clone())
+            .ok_or(ServerError::NotRunning)?;
+        let status = self
+            .ctx
+            .docker
+            .status(&container)
+            .await?
+            .ok_or(ServerError::NotRunning)?;
+        let ip: std::net::IpAddr = status
+            .addresses
+            .get(&self.ctx.config.docker.network)
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| RconError::Unavailable("the container has no address yet".into()))?;
+        Ok(RconClient::connect((ip, port).into(), &password, Duration::from_secs(5)).await?)
     }
 
     /// Stops everything and removes the server's containers and files.
@@ -560,7 +649,16 @@ impl Server {
     ) {
         let mut splitter = LineSplitter::new(self.ctx.config.console.max_line_bytes);
         let mut lines = Vec::new();
-        while let Some(item) = output.next().await {
+        loop {
+            let item = match tokio::time::timeout(Duration::from_millis(500), output.next()).await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(_) => {
+                    // Output paused: report lines the flood gate dropped without waiting.
+                    self.console.notice_drops(true);
+                    continue;
+                }
+            };
             match item {
                 Ok(
                     LogOutput::StdOut { message }
@@ -579,6 +677,7 @@ impl Server {
         }
         splitter.flush(&mut lines);
         self.on_output(&mut lines);
+        self.console.notice_drops(true);
     }
 
     fn on_output(&self, lines: &mut Vec<Arc<str>>) {
@@ -665,6 +764,7 @@ impl Server {
             }
         }
         *self.stdin.lock().await = None;
+        *self.rcon.lock().await = None;
         self.set_state(ServerState::Offline);
         self.console.daemon("Server stopped");
         Ok(())
@@ -672,7 +772,14 @@ impl Server {
 
     async fn send_stop(&self, spec: &ServerSpec, container: &str) -> Result<(), ServerError> {
         let stop = &spec.blueprint.stop;
-        if let Some(command) = &stop.command {
+        if let (Some(command), ConsoleSpec::Rcon { .. }) = (&stop.command, &spec.blueprint.console) {
+            match self.rcon_exec(command).await {
+                Ok(_) => return Ok(()),
+                Err(e) => self
+                    .console
+                    .daemon(&format!("Stop over RCON failed ({e}); signalling instead")),
+            }
+        } else if let Some(command) = &stop.command {
             let mut stdin = self.stdin.lock().await;
             if let Some(writer) = stdin.as_mut() {
                 let line = format!("{command}\n");
@@ -718,6 +825,7 @@ impl Server {
         self.with_record(|r| r.install = InstallInfo::new(InstallStatus::Installing));
         self.set_state(ServerState::Installing);
         self.console.daemon("Installing server");
+        self.console.install_event(ConsoleEvent::InstallStarted);
         let outcome = self.run_install(&spec).await;
         let _ = self.ctx.docker.remove(&spec.install_container_name()).await;
         let info = match outcome {
@@ -734,6 +842,9 @@ impl Server {
             None => self.console.daemon("Install finished"),
             Some(e) => self.fail(format!("Install failed: {e}")),
         }
+        self.console.install_event(ConsoleEvent::InstallCompleted {
+            successful: info.error.is_none(),
+        });
         self.with_record(|r| r.install = info);
         self.set_state(ServerState::Offline);
     }
@@ -784,7 +895,7 @@ impl Server {
                     if let Some(file) = log.as_mut() {
                         let _ = file.write_all(format!("{line}\n").as_bytes()).await;
                     }
-                    server.console.install_output(line);
+                    server.console.install_event(ConsoleEvent::InstallOutput(line));
                 }
                 if !matches!(item, Some(Ok(_))) {
                     break;
@@ -863,6 +974,7 @@ impl Server {
 
     async fn destroy(&self) -> Result<(), String> {
         self.expecting_exit.store(true, Ordering::SeqCst);
+        self.deleted.cancel();
         let spec = self.spec();
         for name in [spec.container_name(), spec.install_container_name()] {
             self.ctx.docker.remove(&name).await.map_err(|e| e.to_string())?;

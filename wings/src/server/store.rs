@@ -34,15 +34,20 @@ pub fn record_path(dir: &Path) -> PathBuf {
     dir.join("server.json")
 }
 
-/// Writes to a temporary file, fsyncs it, renames it over the record and fsyncs the folder,
-/// so a crash at any point leaves either the old record or the new one.
 pub fn save(dir: &Path, record: &ServerRecord) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec_pretty(record)?;
-    let tmp = dir.join(".server.json.tmp");
+    write_atomically(&record_path(dir), &serde_json::to_vec_pretty(record)?)
+}
+
+/// Writes to a temporary file, fsyncs it, renames it over `path` and fsyncs the folder, so a
+/// crash at any point leaves either the old contents or the new ones.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&bytes)?;
+    file.write_all(bytes)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, record_path(dir))?;
+    std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
 

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+pub mod console;
+
 pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
 
 pub struct Wings {

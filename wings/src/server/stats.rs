@@ -1,0 +1,202 @@
+//! A server's resource figures, sampled from Docker only while someone is watching: a
+//! console socket, or a `GET /resources` request. The sampler stops a while after the last
+//! watcher leaves, so idle servers cost the engine nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use mamba_shared::wings_api::{NetworkStats, ResourceStats};
+use tokio::sync::watch;
+
+use super::Server;
+use crate::docker::ResourceSample;
+
+/// How long the sampler outlives its last watcher, so a page reload does not restart it.
+const LINGER: Duration = Duration::from_secs(30);
+/// Walking a server's folder is not free; its size is refreshed at most this often.
+const DISK_REFRESH: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+pub struct Stats {
+    tx: watch::Sender<Option<ResourceStats>>,
+    sampling: AtomicBool,
+    disk: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            tx: watch::channel(None).0,
+            sampling: AtomicBool::new(false),
+            disk: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Server {
+    /// Receives the server's stats about every `websocket.stats_interval_ms`.
+    pub fn watch_stats(self: &Arc<Self>) -> watch::Receiver<Option<ResourceStats>> {
+        let rx = self.stats.tx.subscribe();
+        if !self.stats.sampling.swap(true, Ordering::SeqCst) {
+            tokio::spawn(self.clone().sample_stats());
+        }
+        rx
+    }
+
+    /// The latest figures, waiting briefly for a first sample when nobody was watching.
+    pub async fn resources(self: &Arc<Self>) -> ResourceStats {
+        let mut rx = self.watch_stats();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|r| r.ok().and_then(|stats| stats.clone()));
+        match first {
+            Some(stats) => stats,
+            None => self.idle_stats(self.disk_bytes().await),
+        }
+    }
+
+    fn idle_stats(&self, disk_bytes: u64) -> ResourceStats {
+        let state = self.state();
+        ResourceStats {
+            state,
+            cpu_absolute: 0.0,
+            memory_bytes: 0,
+            memory_limit_bytes: self.spec().limits.memory_mb * 1024 * 1024,
+            network: NetworkStats::default(),
+            disk_bytes,
+            uptime_ms: 0,
+        }
+    }
+
+    async fn sample_stats(self: Arc<Self>) {
+        let interval = Duration::from_millis(self.ctx.config.websocket.stats_interval_ms.max(100));
+        let mut last_watched = Instant::now();
+        let mut state_rx = self.subscribe_state();
+        loop {
+            if self.deleted.is_cancelled() {
+                break;
+            }
+            if self.stats.tx.receiver_count() > 0 {
+                last_watched = Instant::now();
+            } else if last_watched.elapsed() > LINGER {
+                self.stats.sampling.store(false, Ordering::SeqCst);
+                // A watcher may have arrived between the check and the store.
+                if self.stats.tx.receiver_count() == 0 || self.stats.sampling.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+            let container = self.with_record(|r| r.container_id.clone());
+            let running = match (&container, self.state().is_up()) {
+                (Some(id), true) => self
+                    .ctx
+                    .docker
+                    .status(id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|s| s.running),
+                _ => None,
+            };
+            let Some(status) = running else {
+                let idle = self.idle_stats(self.disk_bytes().await);
+                self.stats.tx.send_replace(Some(idle));
+                tokio::select! {
+                    _ = state_rx.changed() => {}
+                    () = tokio::time::sleep(interval) => {}
+                    () = self.deleted.cancelled() => break,
+                }
+                continue;
+            };
+            let mut samples = Box::pin(self.ctx.docker.stats(&status.id));
+            let mut published: Option<Instant> = None;
+            loop {
+                let sample = tokio::select! {
+                    s = samples.next() => s,
+                    () = self.deleted.cancelled() => None,
+                    () = tokio::time::sleep(interval * 3) => None,
+                };
+                let Some(Ok(sample)) = sample else { break };
+                if !self.state().is_up() {
+                    break;
+                }
+                if published.is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= interval) {
+                    published = Some(Instant::now());
+                    let disk_bytes = self.disk_bytes().await;
+                    self.stats.tx.send_replace(Some(self.running_stats(
+                        sample,
+                        disk_bytes,
+                        status.started_at_ms,
+                    )));
+                }
+                if self.stats.tx.receiver_count() == 0 && last_watched.elapsed() > LINGER {
+                    break;
+                }
+                if self.stats.tx.receiver_count() > 0 {
+                    last_watched = Instant::now();
+                }
+            }
+        }
+        self.stats.sampling.store(false, Ordering::SeqCst);
+    }
+
+    fn running_stats(
+        &self,
+        sample: ResourceSample,
+        disk_bytes: u64,
+        started_at_ms: Option<u64>,
+    ) -> ResourceStats {
+        let uptime_ms = started_at_ms.map_or(0, |t| super::now_ms().saturating_sub(t));
+        ResourceStats {
+            state: self.state(),
+            cpu_absolute: sample.cpu_absolute,
+            memory_bytes: sample.memory_bytes,
+            memory_limit_bytes: sample.memory_limit_bytes,
+            network: NetworkStats {
+                rx_bytes: sample.rx_bytes,
+                tx_bytes: sample.tx_bytes,
+            },
+            disk_bytes,
+            uptime_ms,
+        }
+    }
+
+    /// The size of the server's files, refreshed at most every `DISK_REFRESH`.
+    async fn disk_bytes(&self) -> u64 {
+        let cached = *self.stats.disk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, bytes)) = cached
+            && at.elapsed() < DISK_REFRESH
+        {
+            return bytes;
+        }
+        let root = self.root_dir.clone();
+        let bytes = tokio::task::spawn_blocking(move || folder_size(&root))
+            .await
+            .unwrap_or(0);
+        *self.stats.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes));
+        bytes
+    }
+}
+
+/// Bytes used by the files under `root`, never following symlinks.
+fn folder_size(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending: Vec<PathBuf> = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
