@@ -8,13 +8,13 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::container::AttachContainerResults;
+use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder, StatsOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -354,6 +354,63 @@ impl DockerClient {
             code: -1,
             oom_killed: false,
         }))
+    }
+
+    /// What the container printed after `after_ns` and up to `until_ns` (Unix nanoseconds),
+    /// from Docker's own log, as raw bytes; only the last `max_bytes` are kept.
+    pub async fn output_between(
+        &self,
+        id: &str,
+        after_ns: u64,
+        until_ns: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, DockerError> {
+        let since = i32::try_from(after_ns / 1_000_000_000).unwrap_or(i32::MAX);
+        let options = LogsOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .since(since)
+            .build();
+        let mut kept: std::collections::VecDeque<bytes::Bytes> = std::collections::VecDeque::new();
+        let mut kept_bytes = 0;
+        let mut stream = self.docker.logs(id, Some(options));
+        let read = async {
+            while let Some(item) = stream.next().await {
+                let (LogOutput::StdOut { message }
+                | LogOutput::StdErr { message }
+                | LogOutput::Console { message }) = item?
+                else {
+                    continue;
+                };
+                // Each entry starts with its RFC 3339 timestamp and a space.
+                let Some(space) = message.iter().position(|&b| b == b' ') else {
+                    continue;
+                };
+                let stamp = std::str::from_utf8(&message[..space])
+                    .ok()
+                    .and_then(|t| humantime::parse_rfc3339(t).ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_nanos() as u64);
+                if stamp.is_none_or(|t| t <= after_ns || t > until_ns) {
+                    continue;
+                }
+                let line = message.slice(space + 1..);
+                kept_bytes += line.len();
+                kept.push_back(line);
+                while kept_bytes > max_bytes {
+                    match kept.pop_front() {
+                        Some(old) => kept_bytes -= old.len(),
+                        None => break,
+                    }
+                }
+            }
+            Ok::<(), DockerError>(())
+        };
+        tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| DockerError::Timeout(self.timeout))??;
+        Ok(kept.into_iter().flatten().collect())
     }
 
     /// Docker's resource samples of a running container, about one a second, until it stops.

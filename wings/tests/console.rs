@@ -403,12 +403,24 @@ async fn scrollback_is_replayed_after_a_wings_restart() {
     wings.command(&id, "say before the restart").await;
     wings.wait_log(&id, "before the restart", GAME_TIMEOUT).await;
     wings.kill9();
+    // The game goes on printing while wings is down; Docker's log keeps it.
+    let (ok, out) = common::docker(&[
+        "exec",
+        &format!("mamba-{id}"),
+        "sh",
+        "-c",
+        "echo printed while wings was down > /proc/1/fd/1",
+    ]);
+    assert!(ok, "{out}");
     wings.restart().await;
     wings.wait_state(&id, "running", GAME_TIMEOUT).await;
     let steps = vec![
         auth(&token(&id, ALL)),
         expect("auth success"),
-        expect_contains("console output", "[say] before the restart"),
+        json!({"expect_sequence": [
+            {"event": "console output", "contains": "[say] before the restart"},
+            {"event": "console output", "contains": "printed while wings was down"},
+        ]}),
         send("send command", json!(["say after the restart"])),
         expect_contains("console output", "[say] after the restart"),
         // `send logs` replays the history again.

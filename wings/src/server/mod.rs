@@ -942,9 +942,6 @@ impl Server {
         }
         match self.ctx.docker.status(&spec.container_name()).await? {
             Some(status) if status.running => {
-                let attached = self.ctx.docker.attach(&status.id).await?;
-                let generation = self.begin_run(attached);
-                self.watch_exit(status.id.clone(), generation);
                 let state = if record.state == ServerState::Running {
                     ServerState::Running
                 } else {
@@ -952,6 +949,11 @@ impl Server {
                 };
                 self.with_record(|r| r.container_id = Some(status.id.clone()));
                 self.set_state(state);
+                let attached = self.ctx.docker.attach(&status.id).await?;
+                // Before reading the live stream, so the scrollback stays in order.
+                self.backfill(&status, now_ms() * 1_000_000).await;
+                let generation = self.begin_run(attached);
+                self.watch_exit(status.id.clone(), generation);
                 tracing::info!(server.id = %self.id, container.id = %status.id, "reattached to running server");
                 if record.desired == Desired::Offline {
                     self.stop(false).await?;
@@ -970,6 +972,43 @@ impl Server {
             }
         }
         Ok(())
+    }
+
+    /// Takes what the game printed while wings was not running from Docker's log into the
+    /// console, so the scrollback has no hole and a ready line printed meanwhile counts.
+    async fn backfill(&self, status: &crate::docker::ContainerStatus, attached_ns: u64) {
+        let logged_ns = std::fs::metadata(self.state_dir.join("console.log"))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        let started_ns = status.started_at_ms.unwrap_or(0) * 1_000_000;
+        let console = &self.ctx.config.console;
+        let max_bytes = console.buffer_lines.saturating_mul(console.max_line_bytes);
+        let missed = match self
+            .ctx
+            .docker
+            .output_between(&status.id, logged_ns.max(started_ns), attached_ns, max_bytes)
+            .await
+        {
+            Ok(missed) => missed,
+            Err(e) => {
+                tracing::warn!(server.id = %self.id, "cannot read the output missed while wings was down: {e}");
+                return;
+            }
+        };
+        if missed.is_empty() {
+            return;
+        }
+        let mut splitter = LineSplitter::new(console.max_line_bytes);
+        let mut lines = Vec::new();
+        splitter.push(&missed, &mut lines);
+        splitter.flush(&mut lines);
+        let count = lines.len();
+        self.console.daemon(&format!(
+            "{count} lines printed while wings was down, from Docker's log:"
+        ));
+        self.on_output(&mut lines);
     }
 
     async fn destroy(&self) -> Result<(), String> {
