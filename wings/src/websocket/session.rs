@@ -274,7 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
         self.set_claims(Some(claims.clone()));
         self.send(outbound::AUTH_SUCCESS, vec![]).await;
         if first {
-            let _ = self.control.send(Control::Replay).await;
+            self.reply(Control::Replay);
         }
         Some(claims)
     }
@@ -325,10 +325,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
             inbound::SEND_COMMAND => self.send_command(&message, &claims).await,
             inbound::SET_STATE => self.set_state(&message, &claims).await,
             inbound::SEND_LOGS => {
-                let _ = self.control.send(Control::Replay).await;
+                self.reply(Control::Replay);
             }
             _ => {
-                let _ = self.control.send(Control::Stats).await;
+                self.reply(Control::Stats);
             }
         }
     }
@@ -385,7 +385,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
     }
 
     async fn send(&self, event: &str, args: Vec<Value>) {
-        let _ = self.control.send(Control::Send(encode(event, args))).await;
+        self.reply(Control::Send(encode(event, args)));
+    }
+
+    /// Never waits: when the writer is this far behind, the client is not reading, and the
+    /// reader must stay free to act on revocations and deadlines.
+    fn reply(&self, control: Control) {
+        if self.control.try_send(control).is_err() {
+            tracing::debug!(server.id = %self.server.id, "console socket reply dropped: the client is not reading");
+        }
     }
 }
 
