@@ -47,6 +47,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// Time allowed for the close frame once the session decided to close.
 const CLOSE_GRACE: Duration = Duration::from_millis(800);
+/// Console events written in one batch before a flush.
+const BATCH_EVENTS: usize = 256;
 /// Dropped messages in a row, over the rate limit, before the client is closed.
 const FLOOD_TOLERANCE: u32 = 50;
 
@@ -514,14 +516,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
                     continue;
                 }
                 event = next_event(&mut console), if authed && console.is_some() => {
-                    match self.event_frame(event, claims.as_deref()) {
-                        EventFrame::Send(text) => Message::text(text),
-                        EventFrame::Skip => continue,
-                        EventFrame::Closed => {
-                            self.close(close::SERVER_DELETED, "the server was deleted").await;
-                            return;
+                    // A burst is written as one batch and flushed once: one write for many
+                    // lines instead of one each.
+                    let mut event = Some(event);
+                    for _ in 0..BATCH_EVENTS {
+                        let Some(next) = event.take().or_else(|| try_next_event(&mut console)) else {
+                            break;
+                        };
+                        match self.event_frame(next, claims.as_deref()) {
+                            EventFrame::Send(text) => {
+                                if !self.feed(Message::text(text)).await {
+                                    return;
+                                }
+                            }
+                            EventFrame::Skip => {}
+                            EventFrame::Closed => {
+                                self.close(close::SERVER_DELETED, "the server was deleted").await;
+                                return;
+                            }
                         }
                     }
+                    if !self.flush().await {
+                        return;
+                    }
+                    continue;
                 }
                 changed = state.changed(), if authed => {
                     if changed.is_err() {
@@ -582,6 +600,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
         }
     }
 
+    /// Queues a message without flushing; tungstenite writes once its buffer fills.
+    async fn feed(&mut self, message: Message) -> bool {
+        tokio::select! {
+            sent = self.sink.feed(message) => sent.is_ok(),
+            () = self.done.cancelled() => false,
+        }
+    }
+
+    async fn flush(&mut self) -> bool {
+        tokio::select! {
+            flushed = self.sink.flush() => flushed.is_ok(),
+            () = self.done.cancelled() => false,
+        }
+    }
+
     async fn close(&mut self, code: u16, reason: &'static str) {
         let _ = tokio::time::timeout(CLOSE_GRACE, self.sink.send(close_frame(code, reason))).await;
     }
@@ -599,6 +632,18 @@ async fn next_event(
     match console {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// An event already waiting, if any.
+fn try_next_event(
+    console: &mut Option<broadcast::Receiver<ConsoleEvent>>,
+) -> Option<Result<ConsoleEvent, broadcast::error::RecvError>> {
+    match console.as_mut()?.try_recv() {
+        Ok(event) => Some(Ok(event)),
+        Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Err(broadcast::error::RecvError::Lagged(n))),
+        Err(broadcast::error::TryRecvError::Closed) => Some(Err(broadcast::error::RecvError::Closed)),
+        Err(broadcast::error::TryRecvError::Empty) => None,
     }
 }
 
