@@ -195,7 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
             if text.len() > self.settings.config.max_message_bytes {
                 return Some((close::MESSAGE_TOO_BIG, "message too big"));
             }
-            match self.limiter.check(&self.settings.config) {
+            match self.limiter.check(&self.settings.config, Instant::now()) {
                 Rate::Allowed => {}
                 Rate::Dropped { first } => {
                     if first {
@@ -373,17 +373,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
     /// Errors the user caused are shown as they are; internal ones only to those allowed to
     /// see details.
     async fn report(&mut self, error: ServerError, claims: &Claims) {
-        let user_facing = matches!(
-            error,
-            ServerError::NotRunning | ServerError::Conflict(_) | ServerError::Rcon(_)
-        );
-        let message = if user_facing || claims.can(permission::ERROR_DETAILS) {
-            error.to_string()
-        } else {
-            tracing::warn!(server.id = %self.server.id, "console request failed: {error}");
-            "an unexpected error occurred; the node's log has the details".to_string()
-        };
-        self.send(outbound::DAEMON_ERROR, vec![message.into()]).await;
+        tracing::warn!(server.id = %self.server.id, "console request failed: {error}");
+        self.send(outbound::DAEMON_ERROR, vec![error_message(&error, claims).into()])
+            .await;
     }
 
     async fn send(&self, event: &str, args: Vec<Value>) {
@@ -398,6 +390,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
         }
     }
 }
+
+/// What a `daemon error` says: errors the user caused as they are, internal ones (Docker,
+/// I/O) only to those allowed to see details.
+fn error_message(error: &ServerError, claims: &Claims) -> String {
+    let user_facing = matches!(
+        error,
+        ServerError::NotRunning | ServerError::Conflict(_) | ServerError::Rcon(_)
+    );
+    if user_facing || claims.can(permission::ERROR_DETAILS) {
+        error.to_string()
+    } else {
+        GENERIC_ERROR.to_string()
+    }
+}
+
+const GENERIC_ERROR: &str = "an unexpected error occurred; the node's log has the details";
 
 enum Rate {
     Allowed,
@@ -423,8 +431,7 @@ impl Default for RateLimiter {
 }
 
 impl RateLimiter {
-    fn check(&mut self, config: &WebsocketConfig) -> Rate {
-        let now = Instant::now();
+    fn check(&mut self, config: &WebsocketConfig, now: Instant) -> Rate {
         if now.duration_since(self.window_start) >= Duration::from_millis(config.message_window_ms) {
             self.window_start = now;
             self.in_window = 0;
@@ -666,4 +673,55 @@ fn stats_frame(stats: &mamba_shared::wings_api::ResourceStats) -> String {
     // As a JSON string inside args, the shape Pterodactyl-style front ends parse.
     let json = serde_json::to_string(stats).unwrap_or_default();
     encode(outbound::STATS, vec![json.into()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(permissions: &[&str]) -> Claims {
+        Claims {
+            sub: "u".into(),
+            server: "s".into(),
+            permissions: permissions.iter().map(|p| p.to_string()).collect(),
+            scope: "websocket".into(),
+            iat: 0,
+            exp: 0,
+            jti: "j".into(),
+        }
+    }
+
+    #[test]
+    fn internal_error_details_need_their_permission() {
+        let internal = ServerError::Failed("cannot write to the console: broken pipe at /var/lib".into());
+        let plain = claims(&[permission::CONNECT]);
+        let admin = claims(&[permission::CONNECT, permission::ERROR_DETAILS]);
+        assert_eq!(error_message(&internal, &plain), GENERIC_ERROR);
+        assert!(error_message(&internal, &admin).contains("broken pipe"));
+        // Errors the user can act on are always shown.
+        assert_eq!(
+            error_message(&ServerError::NotRunning, &plain),
+            "the server is not running"
+        );
+    }
+
+    #[test]
+    fn the_rate_limit_drops_then_closes_a_flooding_client() {
+        let config = WebsocketConfig::default();
+        let mut limiter = RateLimiter::default();
+        let now = Instant::now();
+        let outcomes: Vec<Rate> = (0..70).map(|_| limiter.check(&config, now)).collect();
+        let allowed = outcomes.iter().filter(|r| matches!(r, Rate::Allowed)).count();
+        let first_drop = outcomes
+            .iter()
+            .position(|r| matches!(r, Rate::Dropped { first: true }));
+        let abusive = outcomes.iter().position(|r| matches!(r, Rate::Abusive));
+        // 70 messages within one window.
+        assert_eq!(allowed, 10);
+        assert_eq!(first_drop, Some(10));
+        assert_eq!(abusive, Some(10 + FLOOD_TOLERANCE as usize - 1));
+        // The next window starts afresh.
+        let later = now + Duration::from_millis(config.message_window_ms);
+        assert!(matches!(limiter.check(&config, later), Rate::Allowed));
+    }
 }
