@@ -400,3 +400,31 @@ async fn servers_cannot_reach_each_other() {
         "{lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_delete_keeps_the_server_so_it_can_be_retried() {
+    let wings = Wings::start().await;
+    let id = running_testbox(&wings, json!({})).await;
+    // An immutable file makes removing the server folder fail.
+    let pinned = wings.data_dir().join("volumes").join(&id).join("greeting.txt");
+    let chattr = |flag: &str| {
+        let status = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&pinned)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chattr {flag}");
+    };
+    chattr("+i");
+    let (status, body) = wings.delete(&format!("/api/servers/{id}")).await;
+    chattr("-i");
+    assert_eq!(status, 500, "{body}");
+    // Still listed, and the retry finishes the job.
+    let (status, _) = wings.get(&format!("/api/servers/{id}")).await;
+    assert_eq!(status, 200);
+    let (status, body) = wings.delete(&format!("/api/servers/{id}")).await;
+    assert_eq!(status, 204, "{body}");
+    assert!(!wings.data_dir().join("volumes").join(&id).exists());
+    assert!(!wings.data_dir().join("servers").join(&id).exists());
+    assert!(wings.containers().is_empty());
+}

@@ -96,6 +96,7 @@ impl From<CreateError> for ApiError {
                 }],
                 message,
             },
+            CreateError::Docker(m) => ApiError::new(StatusCode::BAD_GATEWAY, "docker", m),
             CreateError::Internal(m) => ApiError::internal(m),
         }
     }

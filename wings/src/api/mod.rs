@@ -167,7 +167,11 @@ async fn delete_server(state: web::Data<AppState>, id: web::Path<String>) -> Res
     let id = server.id.clone();
     match state.on_main(async move { manager.delete(&id).await }).await? {
         None => Err(ApiError::not_found("server")),
-        Some(Ok(())) => Ok(HttpResponse::NoContent().finish()),
+        Some(Ok(())) => {
+            let tokens = state.tokens.clone();
+            let _ = web::block(move || tokens.forget_server(&server.id)).await;
+            Ok(HttpResponse::NoContent().finish())
+        }
         Some(Err(e)) => Err(ApiError::internal(format!("delete failed: {e}"))),
     }
 }

@@ -25,6 +25,8 @@ pub enum CreateError {
     PortInUse { field: String, message: String },
     #[error("{field}: image {image} is not present on this node")]
     ImageMissing { field: String, image: String },
+    #[error("docker: {0}")]
+    Docker(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -151,7 +153,7 @@ impl Manager {
                 .docker
                 .image_exists(&image)
                 .await
-                .map_err(|e| CreateError::Internal(e.to_string()))?;
+                .map_err(|e| CreateError::Docker(e.to_string()))?;
             if !present {
                 return Err(CreateError::ImageMissing { field, image });
             }
@@ -248,8 +250,13 @@ impl Manager {
     pub async fn delete(&self, id: &ServerId) -> Option<Result<(), String>> {
         let server = self.write_servers().remove(id)?;
         let result = server.delete().await;
-        if result.is_ok() {
-            tracing::info!(server.id = %id, "server deleted");
+        match &result {
+            Ok(()) => tracing::info!(server.id = %id, "server deleted"),
+            // Still known, so the delete can be retried and nothing is left behind unseen.
+            Err(e) => {
+                tracing::error!(server.id = %id, "delete failed: {e}");
+                self.write_servers().insert(id.clone(), server);
+            }
         }
         Some(result)
     }

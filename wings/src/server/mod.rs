@@ -497,8 +497,12 @@ impl Server {
                 }
                 Job::Delete(reply) => {
                     let result = self.destroy().await;
+                    let deleted = result.is_ok();
                     let _ = reply.send(result);
-                    break;
+                    // A failed delete keeps the actor, so the delete can be retried.
+                    if deleted {
+                        break;
+                    }
                 }
             }
         }
