@@ -197,11 +197,12 @@ impl TokenVerifier {
             .is_some_and(|&at| claims.iat <= at)
     }
 
-    pub fn deny(&self, jti: &str, expires_at: u64) -> std::io::Result<()> {
-        self.update(|r| {
-            r.denied.insert(jti.to_string(), expires_at);
-        })?;
-        let _ = self.events.send(Revocation::Token { jti: jti.to_string() });
+    /// Denies token ids until their tokens expire (`(jti, exp)` pairs), in one write.
+    pub fn deny(&self, tokens: &[(String, u64)]) -> std::io::Result<()> {
+        self.update(|r| r.denied.extend(tokens.iter().cloned()))?;
+        for (jti, _) in tokens {
+            let _ = self.events.send(Revocation::Token { jti: jti.clone() });
+        }
         Ok(())
     }
 

@@ -273,11 +273,7 @@ async fn deauthorize(
         )));
     }
     let tokens = state.tokens.clone();
-    web::block(move || tokens.deauthorize(&server.id, &user))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("cannot save the revocation list: {e}")))?;
-    Ok(HttpResponse::NoContent().finish())
+    save_revocations(move || tokens.deauthorize(&server.id, &user)).await
 }
 
 async fn deny_tokens(
@@ -297,7 +293,15 @@ async fn deny_tokens(
         )));
     }
     let tokens = state.tokens.clone();
-    web::block(move || denied.iter().try_for_each(|t| tokens.deny(&t.jti, t.expires_at)))
+    let denied: Vec<(String, u64)> = denied.into_iter().map(|t| (t.jti, t.expires_at)).collect();
+    save_revocations(move || tokens.deny(&denied)).await
+}
+
+/// Runs a revocation (it writes and fsyncs the list) off the actix worker.
+async fn save_revocations(
+    change: impl FnOnce() -> std::io::Result<()> + Send + 'static,
+) -> Result<HttpResponse, ApiError> {
+    web::block(change)
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| ApiError::internal(format!("cannot save the revocation list: {e}")))?;
