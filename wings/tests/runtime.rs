@@ -428,3 +428,27 @@ async fn a_failed_delete_keeps_the_server_so_it_can_be_retried() {
     assert!(!wings.data_dir().join("servers").join(&id).exists());
     assert!(wings.containers().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_crash_count_survives_a_wings_restart() {
+    let mut wings = Wings::start_with(
+        "[crash_guard]\nmax_attempts = 1\ninitial_backoff_ms = 60000\nmax_backoff_ms = 60000\n",
+    )
+    .await;
+    let id = unique_id("crashy");
+    wings
+        .create(&id, testbox(), json!({"FAKE_EXIT_AFTER": "2"}), free_port())
+        .await;
+    // First crash: a restart is scheduled a minute later.
+    wait_for("the first crash", T, || async {
+        let server = wings.server(&id).await;
+        (server["crash"]["attempts"] == 1).then_some(())
+    })
+    .await;
+    // wings restarts meanwhile, starts the server at once, and the game crashes again: the
+    // crash before the restart still counts, so the guard gives up.
+    wings.kill9();
+    wings.restart().await;
+    let crashed = wings.wait_state(&id, "crashed", T).await;
+    assert_eq!(crashed["crash"]["attempts"], 2, "{crashed}");
+}

@@ -1,8 +1,11 @@
 //! The crash guard's policy: when to restart a server that exited unexpectedly, and when to
 //! give up. Pure logic over timestamps, so it is tested without Docker.
+//!
+//! Exits are wall-clock Unix milliseconds, kept in the server's record, so a wings restart in
+//! the middle of a crash loop does not forgive the crashes before it.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::CrashGuardConfig;
 
@@ -18,10 +21,22 @@ pub enum Verdict {
 
 #[derive(Debug, Default)]
 pub struct CrashGuard {
-    recent: VecDeque<Instant>,
+    recent: VecDeque<u64>,
 }
 
 impl CrashGuard {
+    /// A guard that remembers the exits recorded before (Unix milliseconds).
+    pub fn from_history(exits_ms: &[u64]) -> CrashGuard {
+        CrashGuard {
+            recent: exits_ms.iter().copied().collect(),
+        }
+    }
+
+    /// The exits inside the window, to be saved with the record.
+    pub fn history(&self) -> Vec<u64> {
+        self.recent.iter().copied().collect()
+    }
+
     pub fn attempts(&self) -> u32 {
         u32::try_from(self.recent.len()).unwrap_or(u32::MAX)
     }
@@ -32,20 +47,20 @@ impl CrashGuard {
         config: &CrashGuardConfig,
         exit_code: i64,
         oom_killed: bool,
-        now: Instant,
+        now_ms: u64,
     ) -> Verdict {
         if !config.enabled || (exit_code == 0 && !oom_killed && !config.clean_exit_is_crash) {
             return Verdict::Ignore;
         }
-        let window = Duration::from_secs(config.window_secs);
+        let window_ms = config.window_secs.saturating_mul(1000);
         while self
             .recent
             .front()
-            .is_some_and(|&t| now.duration_since(t) > window)
+            .is_some_and(|&t| now_ms.saturating_sub(t) > window_ms)
         {
             self.recent.pop_front();
         }
-        self.recent.push_back(now);
+        self.recent.push_back(now_ms);
         let attempt = self.attempts();
         if attempt > config.max_attempts {
             return Verdict::GiveUp;
@@ -77,7 +92,7 @@ mod tests {
             ..Default::default()
         };
         let mut guard = CrashGuard::default();
-        let t = Instant::now();
+        let t = 1_000_000;
         assert_eq!(
             guard.on_exit(&config, 1, false, t),
             Verdict::RestartAfter(Duration::from_millis(100))
@@ -101,19 +116,18 @@ mod tests {
             ..Default::default()
         };
         let mut guard = CrashGuard::default();
-        let t = Instant::now();
+        let t = 1_000_000;
         assert!(matches!(
             guard.on_exit(&config, 1, false, t),
             Verdict::RestartAfter(_)
         ));
         assert!(matches!(
-            guard.on_exit(&config, 1, false, t + Duration::from_secs(11)),
+            guard.on_exit(&config, 1, false, t + 11_000),
             Verdict::RestartAfter(_)
         ));
-        assert_eq!(
-            guard.on_exit(&config, 1, false, t + Duration::from_secs(12)),
-            Verdict::GiveUp
-        );
+        // Remembered across a restart of wings.
+        let mut guard = CrashGuard::from_history(&guard.history());
+        assert_eq!(guard.on_exit(&config, 1, false, t + 12_000), Verdict::GiveUp);
     }
 
     #[test]
@@ -123,9 +137,9 @@ mod tests {
             ..Default::default()
         };
         let mut guard = CrashGuard::default();
-        assert_eq!(guard.on_exit(&config, 0, false, Instant::now()), Verdict::Ignore);
+        assert_eq!(guard.on_exit(&config, 0, false, 1), Verdict::Ignore);
         assert!(matches!(
-            guard.on_exit(&config, 0, true, Instant::now()),
+            guard.on_exit(&config, 0, true, 2),
             Verdict::RestartAfter(_)
         ));
     }

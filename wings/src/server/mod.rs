@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::container::LogOutput;
 use futures_util::{Stream, StreamExt};
@@ -412,7 +412,7 @@ impl Server {
     // ---- the actor ----
 
     async fn actor(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Job>) {
-        let mut guard = CrashGuard::default();
+        let mut guard = CrashGuard::from_history(&self.with_record(|r| r.crash_exits_ms.clone()));
         let mut restart_at: Option<tokio::time::Instant> = None;
         loop {
             let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -445,7 +445,10 @@ impl Server {
                     }
                     if matches!(action, PowerAction::Start | PowerAction::Restart) {
                         guard.reset();
-                        self.with_record(|r| r.crash.attempts = 0);
+                        self.with_record(|r| {
+                            r.crash.attempts = 0;
+                            r.crash_exits_ms.clear();
+                        });
                     }
                     let result = match action {
                         PowerAction::Start => self.start().await,
@@ -542,13 +545,14 @@ impl Server {
             &self.ctx.config.crash_guard,
             status.code,
             status.oom_killed,
-            Instant::now(),
+            now_ms(),
         );
         let attempts = guard.attempts();
         let mut restart_at = None;
         self.with_record(|r| {
             r.crash.last_exit = Some(exit);
             r.crash.attempts = attempts;
+            r.crash_exits_ms = guard.history();
         });
         match verdict {
             Verdict::Ignore => {
@@ -1054,5 +1058,6 @@ pub fn new_record(spec: ServerSpec, start_on_completion: bool) -> ServerRecord {
         container_id: None,
         last_error: None,
         start_on_completion,
+        crash_exits_ms: Vec::new(),
     }
 }

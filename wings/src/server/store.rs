@@ -28,6 +28,9 @@ pub struct ServerRecord {
     pub last_error: Option<String>,
     #[serde(default)]
     pub start_on_completion: bool,
+    /// Unexpected exits inside the crash guard's window (Unix milliseconds).
+    #[serde(default)]
+    pub crash_exits_ms: Vec<u64>,
 }
 
 pub fn record_path(dir: &Path) -> PathBuf {
