@@ -19,6 +19,12 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# --- panel services (PostgreSQL, and the tools the panel's tests use) ---------------------
+step "panel services"
+# shellcheck source=scripts/panel-services.sh
+source scripts/panel-services.sh
+# --- end panel services -------------------------------------------------------------------
+
 step "game images (rebuilt only when a recipe changes)"
 bash scripts/images.sh
 

@@ -1,0 +1,111 @@
+//! The HTTP surface: `/healthz`, `/readyz`, `/metrics` and the REST API under `/api/v1`.
+//!
+//! API boundary: handlers parse and check input, then call the data layer through
+//! [`crate::db::Db::run`]; they never hold a connection on an async thread.
+
+mod account;
+pub mod auth;
+pub mod extract;
+mod health;
+
+use std::sync::Arc;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpRequest, HttpResponse, web};
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::keys::{LinkSigner, MasterKey};
+use crate::mail::Mailer;
+use crate::metrics::{self, Metrics};
+use crate::password::PasswordHasherConfig;
+use crate::ratelimit::LocalLimiter;
+use crate::request_meta::RequestMeta;
+
+/// Everything a handler may need, shared by all workers.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub hasher: PasswordHasherConfig,
+    /// Verified against when a login names no account, so both cost the same.
+    pub dummy_hash: String,
+    pub links: LinkSigner,
+    pub mailer: Mailer,
+    pub limiter: LocalLimiter,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Hash(#[from] crate::password::HashError),
+    #[error(transparent)]
+    Mail(#[from] crate::mail::MailError),
+}
+
+impl AppState {
+    /// Builds the state. Blocking (it hashes once): call it outside the async workers.
+    pub fn new(config: Config, db: Db, master: &MasterKey) -> Result<AppState, StateError> {
+        let hasher = PasswordHasherConfig::new(&config.auth)?;
+        Ok(AppState {
+            dummy_hash: hasher.dummy_hash()?,
+            hasher,
+            links: LinkSigner::new(master),
+            mailer: Mailer::from_config(&config.smtp)?,
+            limiter: LocalLimiter::default(),
+            config: Arc::new(config),
+            db,
+        })
+    }
+
+    pub fn meta(&self, req: &HttpRequest) -> RequestMeta {
+        RequestMeta::from_request(req, &self.config.http.trusted_proxies)
+    }
+}
+
+/// The application, for `HttpServer` and for tests.
+pub fn app(
+    state: web::Data<AppState>,
+    metrics: web::Data<Metrics>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    let max_json = state.config.http.max_json_bytes;
+    App::new()
+        .app_data(state)
+        .app_data(metrics)
+        .app_data(
+            web::JsonConfig::default()
+                .limit(max_json)
+                .error_handler(|err, _| ApiError::bad_request(format!("invalid JSON body: {err}")).into()),
+        )
+        .app_data(
+            web::QueryConfig::default().error_handler(|err, _| ApiError::bad_request(err.to_string()).into()),
+        )
+        .app_data(
+            web::PathConfig::default().error_handler(|err, _| ApiError::bad_request(err.to_string()).into()),
+        )
+        .wrap(from_fn(metrics::track))
+        .configure(health::configure)
+        .service(
+            web::scope("/api/v1")
+                .configure(auth::configure)
+                .configure(account::configure),
+        )
+        .default_service(web::to(|req: HttpRequest| async move {
+            Err::<HttpResponse, _>(ApiError::new(
+                actix_web::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route for {} {}", req.method(), req.path()),
+            ))
+        }))
+}
