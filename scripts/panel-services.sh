@@ -37,3 +37,9 @@ mamba_start_postgres() {
 mamba_start_postgres
 export MAMBA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:${mamba_pg_port}/postgres"
 echo "panel-services: PostgreSQL at $MAMBA_TEST_POSTGRES_URL"
+
+# The identity tests deliver real mail to an aiosmtpd sink they start themselves.
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+  echo "panel-services: installing aiosmtpd"
+  python3 -m pip install -q --disable-pip-version-check aiosmtpd
+fi

@@ -153,3 +153,215 @@ macro_rules! both_backends {
         )*
     };
 }
+
+/// Fails under CI, else skips loudly: for tools scripts/test.sh installs.
+pub fn missing_tool(what: &str) {
+    let ci = std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false);
+    assert!(
+        !ci,
+        "{what} is missing under CI; scripts/panel-services.sh installs it"
+    );
+    eprintln!("\n!!! SKIPPING: {what} is not available. Run `source scripts/panel-services.sh`.\n");
+}
+
+/// A real SMTP server (Python's aiosmtpd) writing what it receives into a Maildir.
+pub struct SmtpSink {
+    child: std::process::Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    seen: std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+}
+
+impl SmtpSink {
+    pub fn start() -> Option<SmtpSink> {
+        let has_aiosmtpd = std::process::Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !has_aiosmtpd {
+            missing_tool("python3 with aiosmtpd");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.path().join("maildir"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let sink = SmtpSink {
+            child,
+            port,
+            dir,
+            seen: Default::default(),
+        };
+        wait_until(
+            Duration::from_secs(20),
+            "the SMTP sink accepts connections",
+            || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        );
+        Some(sink)
+    }
+
+    /// Waits for a message to `to` that was not returned before; returns it raw.
+    pub fn next_mail(&self, to: &str) -> String {
+        let new = self.dir.path().join("maildir").join("new");
+        let mut found = None;
+        wait_until(Duration::from_secs(20), &format!("a new mail to {to}"), || {
+            let Ok(entries) = std::fs::read_dir(&new) else {
+                return false;
+            };
+            let mut seen = self.seen.lock().unwrap();
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if seen.contains(&path) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if text.lines().any(|l| l.eq_ignore_ascii_case(&format!("to: {to}"))) {
+                    seen.insert(path);
+                    found = Some(text);
+                    return true;
+                }
+            }
+            false
+        });
+        found.unwrap()
+    }
+
+    pub fn count(&self) -> usize {
+        std::fs::read_dir(self.dir.path().join("maildir").join("new"))
+            .map(|e| e.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Undoes quoted-printable (RFC 2045), which mailers use for long lines such as links.
+pub fn decode_quoted_printable(text: &str) -> String {
+    let joined = text.replace("=\r\n", "").replace("=\n", "");
+    let bytes = joined.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'=' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `token=` value of the first link in a mail.
+pub fn link_token(mail: &str) -> String {
+    let mail = if mail
+        .to_ascii_lowercase()
+        .contains("content-transfer-encoding: quoted-printable")
+    {
+        decode_quoted_printable(mail)
+    } else {
+        mail.to_string()
+    };
+    let start = mail.find("token=").expect("the mail has a link") + "token=".len();
+    mail[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect()
+}
+
+/// An answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: actix_web::http::StatusCode,
+    pub headers: actix_web::http::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+
+    /// `name=value` of a cookie the answer sets.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all(actix_web::http::header::SET_COOKIE)
+            .filter_map(|v| v.to_str().ok())
+            .find(|c| c.starts_with(&format!("{name}=")))
+            .map(|c| c.split(';').next().unwrap_or_default().to_string())
+    }
+}
+
+pub async fn send<S, R, B>(svc: &S, req: R) -> Answer
+where
+    S: actix_web::dev::Service<R, Response = actix_web::dev::ServiceResponse<B>, Error = actix_web::Error>,
+    B: actix_web::body::MessageBody,
+{
+    let res = actix_web::test::call_service(svc, req).await;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = actix_web::test::read_body(res).await;
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn peer(ip: &str) -> std::net::SocketAddr {
+    format!("{ip}:40000").parse().unwrap()
+}
+
+/// A JSON POST from `ip`.
+pub fn post(uri: &str, body: serde_json::Value, ip: &str) -> actix_web::test::TestRequest {
+    actix_web::test::TestRequest::post()
+        .uri(uri)
+        .peer_addr(peer(ip))
+        .set_json(body)
+}
+
+pub fn get(uri: &str, ip: &str) -> actix_web::test::TestRequest {
+    actix_web::test::TestRequest::get().uri(uri).peer_addr(peer(ip))
+}
