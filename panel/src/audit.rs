@@ -96,3 +96,56 @@ pub struct AuditEntry {
     pub user_agent: Option<String>,
     pub created_at: i64,
 }
+
+/// Filters for reading a tenant's log; all optional, combined with AND.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFilter {
+    pub actor_id: Option<String>,
+    pub action: Option<String>,
+    pub resource_type: Option<String>,
+    pub resource_id: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub since: Option<i64>,
+    /// Unix milliseconds, exclusive.
+    pub until: Option<i64>,
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+/// One tenant's entries, oldest first, by cursor.
+pub fn list(
+    conn: &mut DbConnection,
+    scope: &crate::authz::TenantScope,
+    filter: &AuditFilter,
+    page: &crate::pagination::PageRequest,
+) -> QueryResult<crate::pagination::Page<AuditEntry>> {
+    let mut query = audit_log::table
+        .filter(audit_log::tenant_id.eq(scope.tenant().as_str()))
+        .select(AuditEntry::as_select())
+        .order(audit_log::id.asc())
+        .into_boxed();
+    if let Some(v) = &filter.actor_id {
+        query = query.filter(audit_log::actor_id.eq(v.clone()));
+    }
+    if let Some(v) = &filter.action {
+        query = query.filter(audit_log::action.eq(v.clone()));
+    }
+    if let Some(v) = &filter.resource_type {
+        query = query.filter(audit_log::resource_type.eq(v.clone()));
+    }
+    if let Some(v) = &filter.resource_id {
+        query = query.filter(audit_log::resource_id.eq(v.clone()));
+    }
+    if let Some(v) = filter.since {
+        query = query.filter(audit_log::created_at.ge(v));
+    }
+    if let Some(v) = filter.until {
+        query = query.filter(audit_log::created_at.lt(v));
+    }
+    if let Some(after) = &page.after {
+        query = query.filter(audit_log::id.gt(after.clone()));
+    }
+    let rows = query.limit(page.fetch()).load(conn)?;
+    Ok(crate::pagination::Page::from_rows(rows, page, |e| e.id.as_str()))
+}

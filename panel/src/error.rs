@@ -80,6 +80,15 @@ impl ApiError {
         self
     }
 
+    /// Names the field a conflict or refusal is about.
+    pub fn with_field(mut self, field: &str) -> ApiError {
+        self.details.push(FieldError {
+            field: field.into(),
+            message: self.message.clone(),
+        });
+        self
+    }
+
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
         self.headers.push((name, value));
         self
@@ -128,6 +137,12 @@ impl From<DbError> for ApiError {
                 ApiError::internal("the request could not be completed")
             }
         }
+    }
+}
+
+impl From<crate::tokens::RandomError> for ApiError {
+    fn from(e: crate::tokens::RandomError) -> ApiError {
+        ApiError::internal(e.to_string())
     }
 }
 

@@ -66,3 +66,15 @@ id_type!(
     /// One audit-log entry.
     AuditId
 );
+id_type!(
+    /// One user's membership of one tenant.
+    MembershipId
+);
+id_type!(
+    /// A tenant's custom role.
+    RoleId
+);
+id_type!(
+    /// A pending invitation to join a tenant.
+    InvitationId
+);

@@ -7,6 +7,7 @@
 //! routes and the JSON error envelope in `error`).
 
 pub mod audit;
+pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
@@ -18,7 +19,9 @@ pub mod mail;
 pub mod metrics;
 pub mod pagination;
 pub mod password;
+pub mod permissions;
 pub mod ratelimit;
 pub mod request_meta;
+pub mod tenants;
 pub mod tokens;
 pub mod users;

@@ -7,6 +7,7 @@ mod account;
 pub mod auth;
 pub mod extract;
 mod health;
+mod tenants;
 
 use std::sync::Arc;
 
@@ -99,7 +100,8 @@ pub fn app(
         .service(
             web::scope("/api/v1")
                 .configure(auth::configure)
-                .configure(account::configure),
+                .configure(account::configure)
+                .configure(tenants::configure),
         )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(

@@ -1,0 +1,418 @@
+//! Tenants, members, invitations, roles and the audit log under `/api/v1/tenants`, the
+//! permission catalogue, and the operators' tenant list.
+//!
+//! Every route on a tenant starts with [`scoped`], which authorises the caller and yields
+//! the `TenantScope` the data layer requires.
+
+use std::collections::BTreeSet;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::extract::{Authenticated, SuperAdmin};
+use crate::audit::{self, Actor, AuditFilter};
+use crate::authz::{self, TenantScope};
+use crate::error::ApiError;
+use crate::ids::{InvitationId, MembershipId, RoleId};
+use crate::mail::Mail;
+use crate::pagination::PageQuery;
+use crate::permissions::{self, CATALOGUE};
+use crate::tenants::{self, TenantChanges};
+use crate::users;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/permissions", web::get().to(catalogue))
+        .route("/tenants", web::post().to(create_tenant))
+        .route("/tenants", web::get().to(my_tenants))
+        .route("/invitations/accept", web::post().to(accept_invitation))
+        .route("/admin/tenants", web::get().to(admin_tenants))
+        .service(
+            web::scope("/tenants/{tenant}")
+                .route("", web::get().to(get_tenant))
+                .route("", web::patch().to(update_tenant))
+                .route("/members", web::get().to(list_members))
+                .route("/members/{member}", web::get().to(get_member))
+                .route("/members/{member}", web::patch().to(update_member))
+                .route("/members/{member}", web::delete().to(remove_member))
+                .route("/invitations", web::get().to(list_invitations))
+                .route("/invitations", web::post().to(invite))
+                .route("/invitations/{invitation}", web::delete().to(revoke_invitation))
+                .route("/roles", web::get().to(list_roles))
+                .route("/roles", web::post().to(create_role))
+                .route("/roles/{role}", web::delete().to(delete_role))
+                .route("/audit", web::get().to(list_audit)),
+        );
+}
+
+/// Authorises the caller for the tenant in the path.
+async fn scoped(state: &AppState, auth: &Authenticated, tenant: String) -> Result<TenantScope, ApiError> {
+    let user = auth.user.clone();
+    let actor = Actor::User(auth.user_id());
+    state
+        .db
+        .run(move |conn| authz::authorize(conn, &user, actor, &tenant))
+        .await
+}
+
+async fn catalogue() -> HttpResponse {
+    let roles: Vec<_> = permissions::BUILT_IN
+        .into_iter()
+        .map(|r| json!({ "name": r.name(), "permissions": r.permissions() }))
+        .collect();
+    HttpResponse::Ok().json(json!({ "permissions": CATALOGUE, "built_in_roles": roles }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenantBody {
+    slug: String,
+    name: String,
+}
+
+fn check_name(name: &str, field: &str) -> Result<String, ApiError> {
+    users::check_display_name(name).map_err(|m| ApiError::invalid(field, m))
+}
+
+async fn create_tenant(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    body: web::Json<CreateTenantBody>,
+) -> Result<HttpResponse, ApiError> {
+    let meta = state.meta(&req);
+    let body = body.into_inner();
+    tenants::check_slug(&body.slug).map_err(|m| ApiError::invalid("slug", m))?;
+    let name = check_name(&body.name, "name")?;
+    let owner = auth.user_id();
+    let tenant = state
+        .db
+        .run(move |conn| tenants::create(conn, &owner, &body.slug, &name, &meta))
+        .await?;
+    Ok(HttpResponse::Created().json(tenant))
+}
+
+async fn my_tenants(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let page = query.check()?;
+    let user = auth.user_id();
+    let list = state
+        .db
+        .run(move |conn| tenants::list_for_user(conn, &user, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+async fn admin_tenants(
+    state: web::Data<AppState>,
+    _admin: SuperAdmin,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let page = query.check()?;
+    let list = state
+        .db
+        .run(move |conn| tenants::list_all(conn, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+async fn get_tenant(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    let tenant = state
+        .db
+        .run(move |conn| tenants::get(conn, &scope).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(tenant))
+}
+
+async fn update_tenant(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<String>,
+    body: web::Json<TenantChanges>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("tenant.update")?;
+    let mut changes = body.into_inner();
+    if let Some(name) = &changes.name {
+        changes.name = Some(check_name(name, "name")?);
+    }
+    let meta = state.meta(&req);
+    let tenant = state
+        .db
+        .run(move |conn| tenants::update(conn, &scope, &changes, &meta))
+        .await?;
+    Ok(HttpResponse::Ok().json(tenant))
+}
+
+async fn list_members(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("member.read")?;
+    let page = query.check()?;
+    let list = state
+        .db
+        .run(move |conn| tenants::list_members(conn, &scope, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+fn member_id(raw: &str) -> Result<MembershipId, ApiError> {
+    MembershipId::parse(raw).ok_or_else(|| ApiError::not_found("member"))
+}
+
+async fn get_member(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, member) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    scope.require("member.read")?;
+    let id = member_id(&member)?;
+    let found = state
+        .db
+        .run(move |conn| tenants::find_member(conn, &scope, &id).map_err(ApiError::from))
+        .await?
+        .ok_or_else(|| ApiError::not_found("member"))?;
+    Ok(HttpResponse::Ok().json(found))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoleBody {
+    role: String,
+}
+
+async fn update_member(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+    body: web::Json<RoleBody>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, member) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    scope.require("member.update")?;
+    let id = member_id(&member)?;
+    let meta = state.meta(&req);
+    let updated = state
+        .db
+        .run(move |conn| tenants::set_member_role(conn, &scope, &id, &body.role, &meta))
+        .await?;
+    Ok(HttpResponse::Ok().json(updated))
+}
+
+async fn remove_member(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, member) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    let id = member_id(&member)?;
+    let meta = state.meta(&req);
+    state
+        .db
+        .run(move |conn| tenants::remove_member(conn, &scope, &id, &meta))
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn list_invitations(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("member.read")?;
+    let page = query.check()?;
+    let list = state
+        .db
+        .run(move |conn| tenants::list_invitations(conn, &scope, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    email: String,
+    role: String,
+}
+
+async fn invite(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<String>,
+    body: web::Json<InviteBody>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("member.invite")?;
+    let body = body.into_inner();
+    let email = users::normalise_email(&body.email).map_err(|m| ApiError::invalid("email", m))?;
+    let meta = state.meta(&req);
+    let to = email.clone();
+    let (invitation, token) = state
+        .db
+        .run(move |conn| tenants::invite(conn, &scope, &to, &body.role, &meta))
+        .await?;
+    let mail = Mail {
+        to: email,
+        subject: "You are invited to a Mamba team".into(),
+        body: format!(
+            "{} invited you to join their team on Mamba. Log in (or register with this address) and \
+             accept at:\n\n{}/invitations/accept?token={token}\n\nThe invitation expires in 7 days.\n",
+            auth.user.display_name, state.config.http.public_url
+        ),
+    };
+    if let Err(e) = state.mailer.send(mail).await {
+        tracing::error!(error = %e, "invitation email not sent");
+    }
+    // The token is also returned, so an inviter can pass it on by other means; only the
+    // invited, verified address can accept it.
+    Ok(HttpResponse::Created().json(json!({ "invitation": invitation, "token": token })))
+}
+
+async fn revoke_invitation(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, invitation) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    scope.require("member.invite")?;
+    let id = InvitationId::parse(&invitation).ok_or_else(|| ApiError::not_found("invitation"))?;
+    let meta = state.meta(&req);
+    state
+        .db
+        .run(move |conn| tenants::revoke_invitation(conn, &scope, &id, &meta))
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AcceptBody {
+    token: String,
+}
+
+async fn accept_invitation(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    body: web::Json<AcceptBody>,
+) -> Result<HttpResponse, ApiError> {
+    let meta = state.meta(&req);
+    let user = auth.user.clone();
+    let tenant = state
+        .db
+        .run(move |conn| tenants::accept_invitation(conn, &user, &body.token, &meta))
+        .await?;
+    Ok(HttpResponse::Ok().json(tenant))
+}
+
+async fn list_roles(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("role.read")?;
+    let roles = state
+        .db
+        .run(move |conn| tenants::list_roles(conn, &scope).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "items": roles })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoleBody {
+    name: String,
+    permissions: BTreeSet<String>,
+}
+
+async fn create_role(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<String>,
+    body: web::Json<CreateRoleBody>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("role.manage")?;
+    let body = body.into_inner();
+    let name = check_name(&body.name, "name")?;
+    if permissions::BuiltInRole::parse(&name.to_uppercase()).is_some() {
+        return Err(ApiError::invalid("name", "is the name of a built-in role"));
+    }
+    if let Some(unknown) = body.permissions.iter().find(|k| !permissions::is_known(k)) {
+        return Err(ApiError::invalid(
+            "permissions",
+            format!("{unknown:?} is not a permission key"),
+        ));
+    }
+    let meta = state.meta(&req);
+    let role = state
+        .db
+        .run(move |conn| tenants::create_role(conn, &scope, &name, &body.permissions, &meta))
+        .await?;
+    Ok(HttpResponse::Created().json(role))
+}
+
+async fn delete_role(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, role) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    scope.require("role.manage")?;
+    let id = RoleId::parse(&role).ok_or_else(|| ApiError::not_found("role"))?;
+    let meta = state.meta(&req);
+    state
+        .db
+        .run(move |conn| tenants::delete_role(conn, &scope, &id, &meta))
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+async fn list_audit(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+    query: web::Query<AuditFilter>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("audit.read")?;
+    let filter = query.into_inner();
+    let page = PageQuery {
+        limit: filter.limit,
+        cursor: filter.cursor.clone(),
+    }
+    .check()?;
+    let entries = state
+        .db
+        .run(move |conn| audit::list(conn, &scope, &filter, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(entries))
+}
