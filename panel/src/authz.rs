@@ -103,14 +103,21 @@ pub fn role_permissions(
 
 /// Resolves the caller's membership of the tenant `tenant` (an id from the URL). A tenant
 /// that does not exist and one the caller is not a member of answer the same 404.
+///
+/// With an API key, `key` holds the key's tenant and scope permissions: another tenant
+/// answers 404, and the scope keeps only permissions both the role and the key have.
 pub fn authorize(
     conn: &mut DbConnection,
     user: &UserRow,
     actor: Actor,
     tenant: &str,
+    key: Option<(&TenantId, &BTreeSet<String>)>,
 ) -> Result<TenantScope, ApiError> {
     let not_found = || ApiError::not_found("tenant");
     let tenant = TenantId::parse(tenant).ok_or_else(not_found)?;
+    if key.is_some_and(|(key_tenant, _)| *key_tenant != tenant) {
+        return Err(not_found());
+    }
     let found: Option<(String, bool, String)> = memberships::table
         .inner_join(tenants::table)
         .filter(memberships::tenant_id.eq(tenant.as_str()))
@@ -128,7 +135,10 @@ pub fn authorize(
         )
         .with_code("two_factor_required"));
     }
-    let permissions = role_permissions(conn, &tenant, &role)?.unwrap_or_default();
+    let mut permissions = role_permissions(conn, &tenant, &role)?.unwrap_or_default();
+    if let Some((_, allowed)) = key {
+        permissions.retain(|p| allowed.contains(p));
+    }
     Ok(TenantScope {
         tenant,
         user: UserId::from_db(user.id.clone()),

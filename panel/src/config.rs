@@ -22,6 +22,52 @@ pub struct Config {
     pub auth: AuthConfig,
     pub smtp: SmtpConfig,
     pub rate_limits: RateLimitConfig,
+    pub api_keys: ApiKeyConfig,
+    pub plans: PlanConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Live (unrevoked) keys one user may hold, across tenants.
+    pub max_per_user: u32,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig { max_per_user: 25 }
+    }
+}
+
+/// Requests per hour an API key may make, by its tenant's plan. 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    pub free_per_hour: u32,
+    pub premium_per_hour: u32,
+    pub enterprise_per_hour: u32,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            free_per_hour: 100,
+            premium_per_hour: 1000,
+            enterprise_per_hour: 0,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// `None`: no limit.
+    pub fn hourly_limit(&self, plan: &str) -> Option<u32> {
+        let limit = match plan {
+            "premium" => self.premium_per_hour,
+            "enterprise" => self.enterprise_per_hour,
+            _ => self.free_per_hour,
+        };
+        (limit > 0).then_some(limit)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,11 +118,22 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:6379/0`. Empty: rate limits are kept in this process only.
     pub url: String,
+    /// Prepended to every key this panel writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            key_prefix: "mamba".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

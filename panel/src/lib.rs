@@ -6,6 +6,7 @@
 //! `request_meta` (client address behind trusted proxies), `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
+pub mod api_keys;
 pub mod audit;
 pub mod authz;
 pub mod config;

@@ -14,6 +14,7 @@ use mamba_panel::http::{AppState, app};
 use mamba_panel::keys::MasterKey;
 use mamba_panel::metrics::Metrics;
 use mamba_panel::password::PasswordHasherConfig;
+use mamba_panel::ratelimit::Limiter;
 use mamba_panel::request_meta::RequestMeta;
 use mamba_panel::users::{self, NewUser};
 
@@ -90,7 +91,15 @@ async fn serve(config: Config, db: Db) -> anyhow::Result<()> {
     let listen = config.http.listen;
     let workers = config.http.workers;
     let master = MasterKey::from_env()?;
-    let state = web::Data::new(AppState::new(config, db, &master)?);
+    let redis = (config.redis.url.clone(), config.redis.key_prefix.clone());
+    let mut state = AppState::new(config, db, &master)?;
+    if !redis.0.is_empty() {
+        state.limiter = Limiter::redis(&redis.0, &redis.1)
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        tracing::info!("rate limits are kept in Redis");
+    }
+    let state = web::Data::new(state);
     let metrics = web::Data::new(Metrics::new()?);
     tracing::info!(%listen, "panel listening");
     HttpServer::new(move || app(state.clone(), metrics.clone()))

@@ -210,6 +210,48 @@ pub fn list_all(conn: &mut DbConnection, page: &PageRequest) -> QueryResult<Page
     Ok(Page::from_rows(rows, page, |t| t.id.as_str()))
 }
 
+/// Operators change a tenant's plan or status (no scope: super-admin routes only).
+pub fn admin_update(
+    conn: &mut DbConnection,
+    tenant: &TenantId,
+    plan: Option<&str>,
+    status: Option<&str>,
+    actor: &Actor,
+    meta: &RequestMeta,
+) -> Result<Tenant, ApiError> {
+    conn.transaction(|conn| {
+        let target = tenants::table.find(tenant.as_str());
+        let exists: i64 = target.count().get_result(conn)?;
+        if exists == 0 {
+            return Err(ApiError::not_found("tenant"));
+        }
+        if let Some(plan) = plan {
+            diesel::update(target).set(tenants::plan.eq(plan)).execute(conn)?;
+        }
+        if let Some(status) = status {
+            diesel::update(target)
+                .set(tenants::status.eq(status))
+                .execute(conn)?;
+        }
+        diesel::update(target)
+            .set(tenants::updated_at.eq(now_ms()))
+            .execute(conn)?;
+        audit::record(
+            conn,
+            actor,
+            meta,
+            Event {
+                tenant: Some(tenant),
+                action: "tenant.admin_update",
+                resource_type: "tenant",
+                resource_id: Some(tenant.to_string()),
+                metadata: json!({ "plan": plan, "status": status }),
+            },
+        )?;
+        Ok(target.select(Tenant::as_select()).first(conn)?)
+    })
+}
+
 pub fn get(conn: &mut DbConnection, scope: &TenantScope) -> QueryResult<Tenant> {
     tenants::table
         .find(scope.tenant().as_str())

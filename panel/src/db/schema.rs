@@ -120,6 +120,25 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        tenant_id -> Text,
+        user_id -> Text,
+        prefix -> Text,
+        secret_hash -> Text,
+        scopes -> Text,
+        allowed_ips -> Text,
+        memo -> Text,
+        expires_at -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(api_keys -> users (user_id));
+diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(memberships -> users (user_id));
 diesel::joinable!(memberships -> tenants (tenant_id));
 diesel::joinable!(sessions -> users (user_id));
@@ -152,5 +171,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     tenants,
     roles,
     memberships,
-    invitations
+    invitations,
+    api_keys
 );

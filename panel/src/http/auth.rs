@@ -110,11 +110,16 @@ async fn register(
         return Err(ApiError::validation(errors));
     }
     let limits = &state.config.rate_limits;
-    enforce(state.limiter.hit(
-        &format!("email-req:{}", ip_key(&meta)),
-        limits.email_requests_per_ip_per_hour,
-        Duration::from_secs(3600),
-    ))?;
+    enforce(
+        state
+            .limiter
+            .hit(
+                &format!("email-req:{}", ip_key(&meta)),
+                limits.email_requests_per_ip_per_hour,
+                Duration::from_secs(3600),
+            )
+            .await,
+    )?;
 
     let hasher = state.hasher.clone();
     let new_email = email.clone();
@@ -273,16 +278,26 @@ async fn login(
     // one place never locks the owner out from another.
     let limits = &state.config.rate_limits;
     let email = body.email.trim().to_lowercase();
-    enforce(state.limiter.hit(
-        &format!("login-ip:{}", ip_key(&meta)),
-        limits.login_per_ip_per_minute,
-        Duration::from_secs(60),
-    ))?;
-    enforce(state.limiter.hit(
-        &format!("login-account:{}:{email}", ip_key(&meta)),
-        limits.login_per_account_per_15min,
-        Duration::from_secs(900),
-    ))?;
+    enforce(
+        state
+            .limiter
+            .hit(
+                &format!("login-ip:{}", ip_key(&meta)),
+                limits.login_per_ip_per_minute,
+                Duration::from_secs(60),
+            )
+            .await,
+    )?;
+    enforce(
+        state
+            .limiter
+            .hit(
+                &format!("login-account:{}:{email}", ip_key(&meta)),
+                limits.login_per_account_per_15min,
+                Duration::from_secs(900),
+            )
+            .await,
+    )?;
 
     let hasher = state.hasher.clone();
     let dummy = state.dummy_hash.clone();
@@ -435,11 +450,16 @@ async fn login_two_factor(
             "give exactly one of code and recovery_code",
         ));
     }
-    enforce(state.limiter.hit(
-        &format!("login-ip:{}", ip_key(&meta)),
-        state.config.rate_limits.login_per_ip_per_minute,
-        Duration::from_secs(60),
-    ))?;
+    enforce(
+        state
+            .limiter
+            .hit(
+                &format!("login-ip:{}", ip_key(&meta)),
+                state.config.rate_limits.login_per_ip_per_minute,
+                Duration::from_secs(60),
+            )
+            .await,
+    )?;
     let challenge_token = body.challenge.clone();
     // The attempt is counted in its own transaction, so wrong codes use up the challenge.
     let challenge = state
@@ -527,6 +547,10 @@ async fn logout(
                         identity::delete_session(conn, token)?;
                     }
                     AuthVia::AccessToken { family } => identity::revoke_family(conn, family)?,
+                    // Keys are revoked through their own route, never by "logging out".
+                    AuthVia::ApiKey { .. } => {
+                        return Err(ApiError::forbidden("revoke an API key instead of logging it out"));
+                    }
                 }
                 audit::record(
                     conn,
@@ -578,11 +602,16 @@ async fn request_password_reset(
 ) -> Result<HttpResponse, ApiError> {
     let meta = state.meta(&req);
     let email = users::normalise_email(&body.email).map_err(|m| ApiError::invalid("email", m))?;
-    enforce(state.limiter.hit(
-        &format!("email-req:{}", ip_key(&meta)),
-        state.config.rate_limits.email_requests_per_ip_per_hour,
-        Duration::from_secs(3600),
-    ))?;
+    enforce(
+        state
+            .limiter
+            .hit(
+                &format!("email-req:{}", ip_key(&meta)),
+                state.config.rate_limits.email_requests_per_ip_per_hour,
+                Duration::from_secs(3600),
+            )
+            .await,
+    )?;
     let user = state
         .db
         .run(move |conn| users::find_by_email(conn, &email).map_err(ApiError::from))

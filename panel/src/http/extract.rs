@@ -6,15 +6,23 @@
 //! `Authorization: Bearer <access token>` and needs no CSRF token: nothing sends it
 //! implicitly.
 
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
-use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::{FromRequest, HttpMessage, HttpRequest, web};
 use futures_util::future::LocalBoxFuture;
 use subtle::ConstantTimeEq;
 
 use super::AppState;
+use crate::api_keys;
 use crate::error::ApiError;
 use crate::identity;
 use crate::ids::UserId;
+use crate::ratelimit::Decision;
 use crate::tokens::digest;
 use crate::users::UserRow;
 
@@ -24,8 +32,18 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 
 #[derive(Debug, Clone)]
 pub enum AuthVia {
-    Session { token: String },
-    AccessToken { family: String },
+    Session {
+        token: String,
+    },
+    AccessToken {
+        family: String,
+    },
+    /// An API key: bound to one tenant and narrowed to its scopes' permissions.
+    ApiKey {
+        key_id: String,
+        tenant: crate::ids::TenantId,
+        permissions: std::collections::BTreeSet<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -62,9 +80,13 @@ impl FromRequest for Authenticated {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let needs_csrf = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        let req = req.clone();
         Box::pin(async move {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             let unauthorized = || ApiError::unauthorized("a valid session or access token is required");
+            if let Some(key) = bearer.as_deref().filter(|b| b.starts_with(api_keys::KEY_PREFIX)) {
+                return api_key(&state, &req, key.to_string()).await;
+            }
             if let Some(token) = bearer {
                 if !token.starts_with(identity::ACCESS_PREFIX) {
                     return Err(unauthorized());
@@ -103,6 +125,81 @@ impl FromRequest for Authenticated {
     }
 }
 
+/// Checks an API key: known, live, from an allowed address, within its plan's rate limit,
+/// and used on a tenant route. The rate-limit decision is left in the request's extensions
+/// for [`rate_limit_headers`] to put on the answer.
+async fn api_key(state: &AppState, req: &HttpRequest, key: String) -> Result<Authenticated, ApiError> {
+    let client = state.meta(req).ip;
+    let checked = state
+        .db
+        .run(move |conn| api_keys::authenticate(conn, &key, client).map_err(ApiError::from))
+        .await?;
+    let auth = match checked {
+        Ok(auth) => auth,
+        Err(api_keys::KeyRefusal::Unknown) => return Err(ApiError::unauthorized("the API key is not valid")),
+        Err(api_keys::KeyRefusal::Expired) => {
+            return Err(ApiError::unauthorized("the API key has expired").with_code("api_key_expired"));
+        }
+        Err(api_keys::KeyRefusal::AddressNotAllowed) => {
+            return Err(
+                ApiError::forbidden("the API key may not be used from this address")
+                    .with_code("address_not_allowed"),
+            );
+        }
+    };
+    if let Some(limit) = state.config.plans.hourly_limit(&auth.plan) {
+        let decision = state
+            .limiter
+            .hit(
+                &format!("api-key:{}", auth.key_id),
+                limit,
+                Duration::from_secs(3600),
+            )
+            .await;
+        req.extensions_mut().insert(decision);
+        super::auth::enforce(decision)?;
+    }
+    // Keys act within their tenant only; account and tenant-creation routes need a login.
+    let path = req.path();
+    if !(path.starts_with("/api/v1/tenants/") || (path == "/api/v1/users/me" && req.method() == Method::GET))
+    {
+        return Err(ApiError::forbidden("API keys work on tenant routes only"));
+    }
+    Ok(Authenticated {
+        user: auth.user,
+        via: AuthVia::ApiKey {
+            key_id: auth.key_id,
+            tenant: auth.tenant,
+            permissions: auth.permissions,
+        },
+    })
+}
+
+/// Middleware: puts `X-RateLimit-*` on every answer to a rate-limited request.
+pub async fn rate_limit_headers(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let mut res = next.call(req).await?;
+    let decision = res.request().extensions().get::<Decision>().copied();
+    if let Some(d) = decision {
+        let headers = res.headers_mut();
+        headers.insert(
+            HeaderName::from_static("x-ratelimit-limit"),
+            HeaderValue::from(d.limit),
+        );
+        headers.insert(
+            HeaderName::from_static("x-ratelimit-remaining"),
+            HeaderValue::from(d.remaining),
+        );
+        headers.insert(
+            HeaderName::from_static("x-ratelimit-reset"),
+            HeaderValue::from(d.reset_after),
+        );
+    }
+    Ok(res)
+}
+
 /// An operator (`is_super_admin`).
 #[derive(Debug, Clone)]
 pub struct SuperAdmin(pub Authenticated);
@@ -115,7 +212,7 @@ impl FromRequest for SuperAdmin {
         let auth = Authenticated::from_request(req, payload);
         Box::pin(async move {
             let auth = auth.await?;
-            if !auth.user.is_super_admin {
+            if !auth.user.is_super_admin || matches!(auth.via, AuthVia::ApiKey { .. }) {
                 return Err(ApiError::forbidden("operators only"));
             }
             Ok(SuperAdmin(auth))

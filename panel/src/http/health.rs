@@ -28,7 +28,19 @@ async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
             format!("database unreachable: {e}"),
         )
     })?;
-    Ok(HttpResponse::Ok().json(json!({"status": "ready", "database": "ok"})))
+    state.limiter.ping().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("redis unreachable: {e}"),
+        )
+    })?;
+    let redis = if state.limiter.is_redis() {
+        "ok"
+    } else {
+        "not configured"
+    };
+    Ok(HttpResponse::Ok().json(json!({"status": "ready", "database": "ok", "redis": redis})))
 }
 
 async fn metrics(metrics: web::Data<Metrics>) -> Result<HttpResponse, ApiError> {

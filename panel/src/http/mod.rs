@@ -23,7 +23,7 @@ use crate::keys::{LinkSigner, MasterKey};
 use crate::mail::Mailer;
 use crate::metrics::{self, Metrics};
 use crate::password::PasswordHasherConfig;
-use crate::ratelimit::LocalLimiter;
+use crate::ratelimit::Limiter;
 use crate::request_meta::RequestMeta;
 
 /// Everything a handler may need, shared by all workers.
@@ -36,7 +36,7 @@ pub struct AppState {
     pub dummy_hash: String,
     pub links: LinkSigner,
     pub mailer: Mailer,
-    pub limiter: LocalLimiter,
+    pub limiter: Limiter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +56,7 @@ impl AppState {
             hasher,
             links: LinkSigner::new(master),
             mailer: Mailer::from_config(&config.smtp)?,
-            limiter: LocalLimiter::default(),
+            limiter: Limiter::local(),
             config: Arc::new(config),
             db,
         })
@@ -95,6 +95,7 @@ pub fn app(
         .app_data(
             web::PathConfig::default().error_handler(|err, _| ApiError::bad_request(err.to_string()).into()),
         )
+        .wrap(from_fn(extract::rate_limit_headers))
         .wrap(from_fn(metrics::track))
         .configure(health::configure)
         .service(

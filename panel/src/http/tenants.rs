@@ -11,7 +11,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use super::extract::{Authenticated, SuperAdmin};
+use super::extract::{AuthVia, Authenticated, SuperAdmin};
+use crate::api_keys::{self, NewApiKey};
 use crate::audit::{self, Actor, AuditFilter};
 use crate::authz::{self, TenantScope};
 use crate::error::ApiError;
@@ -42,17 +43,36 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/roles", web::get().to(list_roles))
                 .route("/roles", web::post().to(create_role))
                 .route("/roles/{role}", web::delete().to(delete_role))
-                .route("/audit", web::get().to(list_audit)),
-        );
+                .route("/audit", web::get().to(list_audit))
+                .route("/api-keys", web::get().to(list_keys))
+                .route("/api-keys", web::post().to(create_key))
+                .route("/api-keys/{key}", web::delete().to(revoke_key)),
+        )
+        .route("/admin/tenants/{tenant}", web::patch().to(admin_update_tenant));
 }
 
 /// Authorises the caller for the tenant in the path.
 async fn scoped(state: &AppState, auth: &Authenticated, tenant: String) -> Result<TenantScope, ApiError> {
     let user = auth.user.clone();
-    let actor = Actor::User(auth.user_id());
+    let via = auth.via.clone();
+    let actor = match &via {
+        AuthVia::ApiKey { key_id, .. } => Actor::ApiKey {
+            key_id: key_id.clone(),
+            user: auth.user_id(),
+        },
+        _ => Actor::User(auth.user_id()),
+    };
     state
         .db
-        .run(move |conn| authz::authorize(conn, &user, actor, &tenant))
+        .run(move |conn| {
+            let key = match &via {
+                AuthVia::ApiKey {
+                    tenant, permissions, ..
+                } => Some((tenant, permissions)),
+                _ => None,
+            };
+            authz::authorize(conn, &user, actor, &tenant, key)
+        })
         .await
 }
 
@@ -415,4 +435,108 @@ async fn list_audit(
         .run(move |conn| audit::list(conn, &scope, &filter, &page).map_err(ApiError::from))
         .await?;
     Ok(HttpResponse::Ok().json(entries))
+}
+
+async fn list_keys(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<String>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    if !(scope.has("apikey.read") || scope.has("apikey.manage")) {
+        scope.require("apikey.read")?;
+    }
+    let page = query.check()?;
+    let keys = state
+        .db
+        .run(move |conn| api_keys::list(conn, &scope, &page).map_err(ApiError::from))
+        .await?;
+    Ok(HttpResponse::Ok().json(keys))
+}
+
+async fn create_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<String>,
+    body: web::Json<NewApiKey>,
+) -> Result<HttpResponse, ApiError> {
+    let scope = scoped(&state, &auth, path.into_inner()).await?;
+    scope.require("apikey.manage")?;
+    let new = body.into_inner();
+    new.check()?;
+    let max = state.config.api_keys.max_per_user;
+    let meta = state.meta(&req);
+    let (key, secret) = state
+        .db
+        .run(move |conn| api_keys::create(conn, &scope, &new, max, &meta))
+        .await?;
+    Ok(HttpResponse::Created().json(json!({ "api_key": key, "key": secret })))
+}
+
+async fn revoke_key(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, key) = path.into_inner();
+    let scope = scoped(&state, &auth, tenant).await?;
+    let meta = state.meta(&req);
+    state
+        .db
+        .run(move |conn| api_keys::revoke(conn, &scope, &key, &meta))
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTenantChanges {
+    plan: Option<String>,
+    status: Option<String>,
+}
+
+/// Operators set a tenant's plan (free, premium, enterprise) and status (active, suspended).
+async fn admin_update_tenant(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    admin: SuperAdmin,
+    path: web::Path<String>,
+    body: web::Json<AdminTenantChanges>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body
+        .plan
+        .as_deref()
+        .is_some_and(|p| !["free", "premium", "enterprise"].contains(&p))
+    {
+        return Err(ApiError::invalid("plan", "must be free, premium or enterprise"));
+    }
+    if body
+        .status
+        .as_deref()
+        .is_some_and(|s| !["active", "suspended"].contains(&s))
+    {
+        return Err(ApiError::invalid("status", "must be active or suspended"));
+    }
+    let tenant =
+        crate::ids::TenantId::parse(&path.into_inner()).ok_or_else(|| ApiError::not_found("tenant"))?;
+    let meta = state.meta(&req);
+    let actor = Actor::User(admin.0.user_id());
+    let updated = state
+        .db
+        .run(move |conn| {
+            tenants::admin_update(
+                conn,
+                &tenant,
+                body.plan.as_deref(),
+                body.status.as_deref(),
+                &actor,
+                &meta,
+            )
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(updated))
 }

@@ -365,3 +365,27 @@ pub fn post(uri: &str, body: serde_json::Value, ip: &str) -> actix_web::test::Te
 pub fn get(uri: &str, ip: &str) -> actix_web::test::TestRequest {
     actix_web::test::TestRequest::get().uri(uri).peer_addr(peer(ip))
 }
+
+/// `MAMBA_TEST_REDIS_URL`, or `None` (a failure under CI, a loud skip elsewhere).
+pub fn redis_url() -> Option<String> {
+    match std::env::var("MAMBA_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            missing_tool("MAMBA_TEST_REDIS_URL (a running redis-server)");
+            None
+        }
+    }
+}
+
+impl TestDb {
+    /// The state with its rate limits kept in Redis.
+    pub async fn redis_state_with(&self, config: Config, redis_url: &str) -> web::Data<AppState> {
+        let mut state = AppState::new(config, self.db.clone(), &MasterKey::from_bytes([42; 32])).unwrap();
+        // A namespace per test database: its replicas share counters, other tests never do.
+        let namespace = format!("mamba-test:{}", self.url);
+        state.limiter = mamba_panel::ratelimit::Limiter::redis(redis_url, &namespace)
+            .await
+            .unwrap();
+        web::Data::new(state)
+    }
+}
