@@ -248,11 +248,11 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment
-            // PANEL_CONFIG and PANEL_LOG_JSON are command-line options, and PANEL_MASTER_KEY
-            // is a secret read on its own, never part of the config.
+            // PANEL_CONFIG and PANEL_LOG_JSON are command-line options; PANEL_MASTER_KEY and
+            // PANEL_NEW_MASTER_KEY are secrets read on their own, never part of the config.
             .merge(
                 Env::prefixed("PANEL_")
-                    .ignore(&["config", "log_json", "master_key"])
+                    .ignore(&["config", "log_json", "master_key", "new_master_key"])
                     .split("__"),
             )
             .merge(Env::raw().only(&["database_url"]).map(|_| "database.url".into()))

@@ -54,8 +54,13 @@ impl MasterKey {
         &self.0
     }
 
+    /// A short public name for this key, to tell which master key wrapped what.
+    pub fn id(&self) -> String {
+        hex::encode(&self.derive("key-id")[..8])
+    }
+
     /// A key for one purpose, so that no two uses share key material.
-    fn derive(&self, purpose: &str) -> [u8; 32] {
+    pub(crate) fn derive(&self, purpose: &str) -> [u8; 32] {
         let key = hmac::Key::new(hmac::HMAC_SHA256, &self.0);
         let tag = hmac::sign(&key, format!("mamba-panel/{purpose}").as_bytes());
         let mut out = [0u8; 32];

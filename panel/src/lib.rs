@@ -23,6 +23,7 @@ pub mod password;
 pub mod permissions;
 pub mod ratelimit;
 pub mod request_meta;
+pub mod secrets;
 pub mod tenants;
 pub mod tokens;
 pub mod users;

@@ -47,6 +47,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Rewrap every tenant's data key from PANEL_MASTER_KEY to PANEL_NEW_MASTER_KEY. Safe to
+    /// run again after an interruption; afterwards, run the panel with the new key.
+    RotateMasterKey,
     /// Create a super-admin with a generated password and print the credentials once.
     CreateUser {
         #[arg(long)]
@@ -84,6 +87,9 @@ fn main() -> anyhow::Result<()> {
         Command::Admin {
             command: AdminCommand::CreateUser { email, name },
         } => create_admin(&config, &db, &email, &name),
+        Command::Admin {
+            command: AdminCommand::RotateMasterKey,
+        } => rotate_master_key(&db),
     }
 }
 
@@ -135,5 +141,24 @@ fn create_admin(config: &Config, db: &Db, email: &str, name: &str) -> anyhow::Re
     writeln!(out, "created super-admin {}", user.id)?;
     writeln!(out, "email:    {email}")?;
     writeln!(out, "password: {password}")?;
+    Ok(())
+}
+
+fn rotate_master_key(db: &Db) -> anyhow::Result<()> {
+    let old = MasterKey::from_env().context("the current key")?;
+    let new_text = std::env::var("PANEL_NEW_MASTER_KEY").context("PANEL_NEW_MASTER_KEY is not set")?;
+    let new = MasterKey::from_base64(&new_text).context("PANEL_NEW_MASTER_KEY")?;
+    let mut conn = db.get_blocking()?;
+    let count = mamba_panel::secrets::rotate_master_key(&mut conn, &old, &new)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "rewrapped {count} tenant data keys under master key {}",
+        new.id()
+    )?;
+    writeln!(
+        out,
+        "now set PANEL_MASTER_KEY to the new key and restart every panel"
+    )?;
     Ok(())
 }

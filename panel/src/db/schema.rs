@@ -137,6 +137,26 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    tenant_keys (tenant_id) {
+        tenant_id -> Text,
+        wrapped_key -> Text,
+        master_key_id -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    secrets (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        ciphertext -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
 diesel::joinable!(api_keys -> users (user_id));
 diesel::joinable!(api_keys -> tenants (tenant_id));
 diesel::joinable!(memberships -> users (user_id));
@@ -172,5 +192,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     roles,
     memberships,
     invitations,
-    api_keys
+    api_keys,
+    tenant_keys,
+    secrets
 );

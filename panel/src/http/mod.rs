@@ -37,6 +37,8 @@ pub struct AppState {
     pub links: LinkSigner,
     pub mailer: Mailer,
     pub limiter: Limiter,
+    /// Seals and opens tenants' stored secrets.
+    pub secrets: crate::secrets::SecretBox,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,7 @@ impl AppState {
             dummy_hash: hasher.dummy_hash()?,
             hasher,
             links: LinkSigner::new(master),
+            secrets: crate::secrets::SecretBox::new(master),
             mailer: Mailer::from_config(&config.smtp)?,
             limiter: Limiter::local(),
             config: Arc::new(config),
