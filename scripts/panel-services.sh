@@ -39,10 +39,15 @@ mamba_start_postgres
 export MAMBA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:${mamba_pg_port}/postgres"
 echo "panel-services: PostgreSQL at $MAMBA_TEST_POSTGRES_URL"
 
-# The identity tests deliver real mail to an aiosmtpd sink they start themselves.
+# The identity tests deliver real mail to an aiosmtpd sink they start themselves;
+# scripts/schemathesis.sh fuzzes the API with schemathesis.
 if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
   echo "panel-services: installing aiosmtpd"
   python3 -m pip install -q --disable-pip-version-check aiosmtpd
+fi
+if ! command -v st >/dev/null || ! python3 -c 'import schemathesis' 2>/dev/null; then
+  echo "panel-services: installing schemathesis"
+  python3 -m pip install -q --disable-pip-version-check schemathesis
 fi
 
 # A private redis-server for the rate-limit tests that run with Redis.

@@ -36,3 +36,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast
+
+step "schemathesis against the panel's OpenAPI document"
+bash scripts/schemathesis.sh

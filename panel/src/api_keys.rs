@@ -138,7 +138,7 @@ pub struct ApiKeyRow {
 }
 
 /// What the API shows of a key: never the secret.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub prefix: String,
@@ -167,7 +167,7 @@ impl From<ApiKeyRow> for ApiKey {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiKey {
     pub memo: String,

@@ -81,7 +81,7 @@ pub fn record(
     Ok(id)
 }
 
-#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq, utoipa::ToSchema)]
 #[diesel(table_name = audit_log)]
 pub struct AuditEntry {
     pub id: String,
@@ -98,7 +98,8 @@ pub struct AuditEntry {
 }
 
 /// Filters for reading a tenant's log; all optional, combined with AND.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditFilter {
     pub actor_id: Option<String>,

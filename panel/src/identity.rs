@@ -101,7 +101,7 @@ pub fn delete_session(conn: &mut DbConnection, token: &str) -> QueryResult<usize
 
 // ---------------------------------------------------------------- API token families
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TokenPair {
     pub access_token: String,
     pub refresh_token: String,
@@ -262,7 +262,7 @@ pub fn revoke_all_logins(conn: &mut DbConnection, user: &UserId) -> QueryResult<
 // ---------------------------------------------------------------- 2FA challenges
 
 /// Which kind of login a challenge finishes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoginClient {
     /// A cookie session with a CSRF token.

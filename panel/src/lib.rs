@@ -18,6 +18,7 @@ pub mod ids;
 pub mod keys;
 pub mod mail;
 pub mod metrics;
+pub mod openapi;
 pub mod pagination;
 pub mod password;
 pub mod permissions;

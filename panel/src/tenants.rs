@@ -21,7 +21,7 @@ use crate::tokens::{digest, random_token};
 
 pub const INVITATION_TTL_MS: i64 = 7 * 24 * 3_600_000;
 
-#[derive(Debug, Clone, Queryable, Selectable, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 #[diesel(table_name = tenants)]
 pub struct Tenant {
     pub id: String,
@@ -34,7 +34,7 @@ pub struct Tenant {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Member {
     pub id: String,
     pub user_id: String,
@@ -44,7 +44,7 @@ pub struct Member {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq, utoipa::ToSchema)]
 #[diesel(table_name = invitations)]
 pub struct Invitation {
     pub id: String,
@@ -59,7 +59,7 @@ pub struct Invitation {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Role {
     pub id: String,
     pub name: String,
@@ -259,7 +259,7 @@ pub fn get(conn: &mut DbConnection, scope: &TenantScope) -> QueryResult<Tenant> 
         .first(conn)
 }
 
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantChanges {
     pub name: Option<String>,

@@ -28,8 +28,9 @@ pub struct UserRow {
 }
 
 /// What the API shows of a user.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct User {
+    #[schema(value_type = String)]
     pub id: UserId,
     pub email: String,
     pub display_name: String,

@@ -22,11 +22,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/admin/users", web::get().to(admin_list_users));
 }
 
-async fn me(auth: Authenticated) -> HttpResponse {
+#[utoipa::path(get, path = "/api/v1/users/me", tag = "account", responses((status = 200, description = "The caller", body = crate::users::User), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn me(auth: Authenticated) -> HttpResponse {
     HttpResponse::Ok().json(User::from(auth.user))
 }
 
-async fn two_factor_setup(
+#[utoipa::path(post, path = "/api/v1/users/me/two-factor/setup", tag = "account", responses((status = 200, description = "A pending secret", body = crate::openapi::TwoFactorSetup), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn two_factor_setup(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -72,13 +74,14 @@ async fn two_factor_setup(
     Ok(HttpResponse::Ok().json(json!({ "secret": secret, "otpauth_uri": uri })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CodeBody {
+pub(crate) struct CodeBody {
     code: String,
 }
 
-async fn two_factor_enable(
+#[utoipa::path(post, path = "/api/v1/users/me/two-factor/enable", tag = "account", request_body = CodeBody, responses((status = 200, description = "On; the recovery codes, shown once", body = crate::openapi::RecoveryCodes), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn two_factor_enable(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -115,7 +118,8 @@ async fn two_factor_enable(
     Ok(HttpResponse::Ok().json(json!({ "recovery_codes": codes })))
 }
 
-async fn two_factor_disable(
+#[utoipa::path(post, path = "/api/v1/users/me/two-factor/disable", tag = "account", request_body = CodeBody, responses((status = 200, description = "Off", body = crate::openapi::Message), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn two_factor_disable(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -157,7 +161,8 @@ fn map_identity(e: identity::IdentityError) -> ApiError {
     }
 }
 
-async fn admin_list_users(
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin", params(crate::pagination::PageQuery), responses((status = 200, description = "Every user", body = crate::pagination::Page<crate::users::User>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn admin_list_users(
     state: web::Data<AppState>,
     _admin: SuperAdmin,
     query: web::Query<PageQuery>,

@@ -79,9 +79,9 @@ fn field(field: &str, message: &str) -> FieldError {
 
 // ---------------------------------------------------------------- registration
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RegisterBody {
+pub(crate) struct RegisterBody {
     email: String,
     password: String,
     display_name: String,
@@ -89,7 +89,8 @@ struct RegisterBody {
 
 const CHECK_INBOX: &str = "if this address can register, a verification email is on its way";
 
-async fn register(
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "auth", request_body = RegisterBody, responses((status = 202, description = "Accepted (whether or not the address has an account)", body = crate::openapi::Message), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn register(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<RegisterBody>,
@@ -196,13 +197,14 @@ async fn send_quietly(state: &AppState, mail: Mail) {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenBody {
+pub(crate) struct TokenBody {
     token: String,
 }
 
-async fn verify_email(
+#[utoipa::path(post, path = "/api/v1/auth/verify-email", tag = "auth", request_body = TokenBody, responses((status = 200, description = "Verified", body = crate::openapi::Message), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn verify_email(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<TokenBody>,
@@ -252,9 +254,9 @@ async fn verify_email(
 
 // ---------------------------------------------------------------- login
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginBody {
+pub(crate) struct LoginBody {
     email: String,
     password: String,
     /// `browser` (default): a cookie session. `api`: an access and refresh token pair.
@@ -266,7 +268,8 @@ fn invalid_credentials() -> ApiError {
     ApiError::unauthorized("the email or password is wrong").with_code("invalid_credentials")
 }
 
-async fn login(
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "auth", request_body = LoginBody, responses((status = 200, description = "Logged in, or a second factor is needed", body = crate::openapi::LoginAnswer), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Wrong email or password", body = crate::openapi::ErrorResponse), (status = 403, description = "Email not verified", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn login(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<LoginBody>,
@@ -427,9 +430,9 @@ fn login_event<'a>(id: &UserId, client: &str, method: &str) -> Event<'a> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TwoFactorBody {
+pub(crate) struct TwoFactorBody {
     challenge: String,
     #[serde(default)]
     code: Option<String>,
@@ -437,7 +440,8 @@ struct TwoFactorBody {
     recovery_code: Option<String>,
 }
 
-async fn login_two_factor(
+#[utoipa::path(post, path = "/api/v1/auth/login/two-factor", tag = "auth", request_body = TwoFactorBody, responses((status = 200, description = "Logged in", body = crate::openapi::LoginAnswer), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Wrong code or challenge", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn login_two_factor(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<TwoFactorBody>,
@@ -501,13 +505,14 @@ async fn login_two_factor(
 
 // ---------------------------------------------------------------- tokens and logout
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshBody {
+pub(crate) struct RefreshBody {
     refresh_token: String,
 }
 
-async fn refresh_token(
+#[utoipa::path(post, path = "/api/v1/auth/token", tag = "auth", request_body = RefreshBody, responses((status = 200, description = "New tokens; the old refresh token is spent", body = crate::openapi::TokensAnswer), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Invalid, expired or reused", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn refresh_token(
     state: web::Data<AppState>,
     body: web::Json<RefreshBody>,
 ) -> Result<HttpResponse, ApiError> {
@@ -529,7 +534,8 @@ async fn refresh_token(
     }
 }
 
-async fn logout(
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "auth", responses((status = 200, description = "Logged out", body = crate::openapi::Message), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn logout(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -584,9 +590,9 @@ async fn logout(
 
 // ---------------------------------------------------------------- password reset
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ResetRequestBody {
+pub(crate) struct ResetRequestBody {
     email: String,
 }
 
@@ -595,7 +601,8 @@ fn password_binding(hash: &str) -> String {
     digest(hash)[..32].to_string()
 }
 
-async fn request_password_reset(
+#[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "auth", request_body = ResetRequestBody, responses((status = 202, description = "Accepted (whether or not the address has an account)", body = crate::openapi::Message), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn request_password_reset(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<ResetRequestBody>,
@@ -640,14 +647,15 @@ async fn request_password_reset(
     })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ResetConfirmBody {
+pub(crate) struct ResetConfirmBody {
     token: String,
     password: String,
 }
 
-async fn confirm_password_reset(
+#[utoipa::path(post, path = "/api/v1/auth/password-reset/confirm", tag = "auth", request_body = ResetConfirmBody, responses((status = 200, description = "Password changed", body = crate::openapi::Message), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn confirm_password_reset(
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Json<ResetConfirmBody>,

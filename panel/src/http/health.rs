@@ -15,12 +15,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// Alive: the process answers. Says nothing about its dependencies.
-async fn healthz() -> HttpResponse {
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive", body = crate::openapi::Health)))]
+pub(crate) async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
 /// Ready: the database (and Redis, when configured) answer.
-async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200, description = "Ready", body = crate::openapi::Health), (status = 503, description = "Not ready", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.db.ping().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -3,11 +3,11 @@
 //! API boundary: handlers parse and check input, then call the data layer through
 //! [`crate::db::Db::run`]; they never hold a connection on an async thread.
 
-mod account;
+pub(crate) mod account;
 pub mod auth;
 pub mod extract;
-mod health;
-mod tenants;
+pub(crate) mod health;
+pub(crate) mod tenants;
 
 use std::sync::Arc;
 
@@ -101,6 +101,8 @@ pub fn app(
         .wrap(from_fn(extract::rate_limit_headers))
         .wrap(from_fn(metrics::track))
         .configure(health::configure)
+        .route("/api/v1/openapi.json", web::get().to(openapi_json))
+        .route("/api/v1/docs", web::get().to(docs_page))
         .service(
             web::scope("/api/v1")
                 .configure(auth::configure)
@@ -114,4 +116,19 @@ pub fn app(
                 format!("no route for {} {}", req.method(), req.path()),
             ))
         }))
+}
+
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok().json(crate::openapi::document())
+}
+
+async fn docs_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        // The page's own inline script and style only; nothing is fetched from elsewhere.
+        .insert_header((
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        ))
+        .body(crate::openapi::DOCS_PAGE)
 }

@@ -76,7 +76,8 @@ async fn scoped(state: &AppState, auth: &Authenticated, tenant: String) -> Resul
         .await
 }
 
-async fn catalogue() -> HttpResponse {
+#[utoipa::path(get, path = "/api/v1/permissions", tag = "tenants", responses((status = 200, description = "Permission keys and built-in roles", body = crate::openapi::Catalogue)))]
+pub(crate) async fn catalogue() -> HttpResponse {
     let roles: Vec<_> = permissions::BUILT_IN
         .into_iter()
         .map(|r| json!({ "name": r.name(), "permissions": r.permissions() }))
@@ -84,9 +85,9 @@ async fn catalogue() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "permissions": CATALOGUE, "built_in_roles": roles }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateTenantBody {
+pub(crate) struct CreateTenantBody {
     slug: String,
     name: String,
 }
@@ -95,7 +96,8 @@ fn check_name(name: &str, field: &str) -> Result<String, ApiError> {
     users::check_display_name(name).map_err(|m| ApiError::invalid(field, m))
 }
 
-async fn create_tenant(
+#[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", request_body = CreateTenantBody, responses((status = 201, description = "Created; the caller is its owner", body = crate::tenants::Tenant), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn create_tenant(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -113,7 +115,8 @@ async fn create_tenant(
     Ok(HttpResponse::Created().json(tenant))
 }
 
-async fn my_tenants(
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants", params(crate::pagination::PageQuery), responses((status = 200, description = "The caller's tenants", body = crate::pagination::Page<crate::tenants::Tenant>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn my_tenants(
     state: web::Data<AppState>,
     auth: Authenticated,
     query: web::Query<PageQuery>,
@@ -127,7 +130,8 @@ async fn my_tenants(
     Ok(HttpResponse::Ok().json(list))
 }
 
-async fn admin_tenants(
+#[utoipa::path(get, path = "/api/v1/admin/tenants", tag = "admin", params(crate::pagination::PageQuery), responses((status = 200, description = "Every tenant", body = crate::pagination::Page<crate::tenants::Tenant>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn admin_tenants(
     state: web::Data<AppState>,
     _admin: SuperAdmin,
     query: web::Query<PageQuery>,
@@ -140,7 +144,8 @@ async fn admin_tenants(
     Ok(HttpResponse::Ok().json(list))
 }
 
-async fn get_tenant(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}", tag = "tenants", params(("tenant" = String, Path, description = "Tenant id")), responses((status = 200, description = "The tenant", body = crate::tenants::Tenant), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn get_tenant(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -153,7 +158,8 @@ async fn get_tenant(
     Ok(HttpResponse::Ok().json(tenant))
 }
 
-async fn update_tenant(
+#[utoipa::path(patch, path = "/api/v1/tenants/{tenant}", tag = "tenants", request_body = crate::tenants::TenantChanges, params(("tenant" = String, Path, description = "Tenant id")), responses((status = 200, description = "Updated", body = crate::tenants::Tenant), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn update_tenant(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -174,7 +180,8 @@ async fn update_tenant(
     Ok(HttpResponse::Ok().json(tenant))
 }
 
-async fn list_members(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/members", tag = "members", params(("tenant" = String, Path, description = "Tenant id"), crate::pagination::PageQuery), responses((status = 200, description = "Members", body = crate::pagination::Page<crate::tenants::Member>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn list_members(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -194,7 +201,8 @@ fn member_id(raw: &str) -> Result<MembershipId, ApiError> {
     MembershipId::parse(raw).ok_or_else(|| ApiError::not_found("member"))
 }
 
-async fn get_member(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/members/{member}", tag = "members", params(("tenant" = String, Path, description = "Tenant id"), ("member" = String, Path)), responses((status = 200, description = "The member", body = crate::tenants::Member), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn get_member(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<(String, String)>,
@@ -211,13 +219,14 @@ async fn get_member(
     Ok(HttpResponse::Ok().json(found))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RoleBody {
+pub(crate) struct RoleBody {
     role: String,
 }
 
-async fn update_member(
+#[utoipa::path(patch, path = "/api/v1/tenants/{tenant}/members/{member}", tag = "members", request_body = RoleBody, params(("tenant" = String, Path, description = "Tenant id"), ("member" = String, Path)), responses((status = 200, description = "Updated", body = crate::tenants::Member), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn update_member(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -236,7 +245,8 @@ async fn update_member(
     Ok(HttpResponse::Ok().json(updated))
 }
 
-async fn remove_member(
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/members/{member}", tag = "members", params(("tenant" = String, Path, description = "Tenant id"), ("member" = String, Path)), responses((status = 204, description = "Removed"), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn remove_member(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -253,7 +263,8 @@ async fn remove_member(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn list_invitations(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/invitations", tag = "members", params(("tenant" = String, Path, description = "Tenant id"), crate::pagination::PageQuery), responses((status = 200, description = "Pending invitations", body = crate::pagination::Page<crate::tenants::Invitation>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn list_invitations(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -269,14 +280,15 @@ async fn list_invitations(
     Ok(HttpResponse::Ok().json(list))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct InviteBody {
+pub(crate) struct InviteBody {
     email: String,
     role: String,
 }
 
-async fn invite(
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/invitations", tag = "members", request_body = InviteBody, params(("tenant" = String, Path, description = "Tenant id")), responses((status = 201, description = "Invited", body = crate::openapi::InvitationCreated), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn invite(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -310,7 +322,8 @@ async fn invite(
     Ok(HttpResponse::Created().json(json!({ "invitation": invitation, "token": token })))
 }
 
-async fn revoke_invitation(
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/invitations/{invitation}", tag = "members", params(("tenant" = String, Path, description = "Tenant id"), ("invitation" = String, Path)), responses((status = 204, description = "Withdrawn"), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn revoke_invitation(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -328,13 +341,14 @@ async fn revoke_invitation(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AcceptBody {
+pub(crate) struct AcceptBody {
     token: String,
 }
 
-async fn accept_invitation(
+#[utoipa::path(post, path = "/api/v1/invitations/accept", tag = "members", request_body = AcceptBody, responses((status = 200, description = "Joined", body = crate::tenants::Tenant), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn accept_invitation(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -349,7 +363,8 @@ async fn accept_invitation(
     Ok(HttpResponse::Ok().json(tenant))
 }
 
-async fn list_roles(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/roles", tag = "roles", params(("tenant" = String, Path, description = "Tenant id")), responses((status = 200, description = "Built-in and custom roles", body = crate::openapi::RoleList), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn list_roles(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -363,14 +378,15 @@ async fn list_roles(
     Ok(HttpResponse::Ok().json(json!({ "items": roles })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateRoleBody {
+pub(crate) struct CreateRoleBody {
     name: String,
     permissions: BTreeSet<String>,
 }
 
-async fn create_role(
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/roles", tag = "roles", request_body = CreateRoleBody, params(("tenant" = String, Path, description = "Tenant id")), responses((status = 201, description = "Created", body = crate::tenants::Role), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn create_role(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -398,7 +414,8 @@ async fn create_role(
     Ok(HttpResponse::Created().json(role))
 }
 
-async fn delete_role(
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/roles/{role}", tag = "roles", params(("tenant" = String, Path, description = "Tenant id"), ("role" = String, Path)), responses((status = 204, description = "Deleted"), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn delete_role(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -416,7 +433,8 @@ async fn delete_role(
     Ok(HttpResponse::NoContent().finish())
 }
 
-async fn list_audit(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/audit", tag = "audit", params(("tenant" = String, Path, description = "Tenant id"), crate::audit::AuditFilter), responses((status = 200, description = "Entries, oldest first", body = crate::pagination::Page<crate::audit::AuditEntry>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn list_audit(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -437,7 +455,8 @@ async fn list_audit(
     Ok(HttpResponse::Ok().json(entries))
 }
 
-async fn list_keys(
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/api-keys", tag = "api_keys", params(("tenant" = String, Path, description = "Tenant id"), crate::pagination::PageQuery), responses((status = 200, description = "Live keys", body = crate::pagination::Page<crate::api_keys::ApiKey>), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn list_keys(
     state: web::Data<AppState>,
     auth: Authenticated,
     path: web::Path<String>,
@@ -455,7 +474,8 @@ async fn list_keys(
     Ok(HttpResponse::Ok().json(keys))
 }
 
-async fn create_key(
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant}/api-keys", tag = "api_keys", request_body = NewApiKey, params(("tenant" = String, Path, description = "Tenant id")), responses((status = 201, description = "Created; the key is shown once", body = crate::openapi::ApiKeyCreated), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 409, description = "Conflict", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn create_key(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -475,7 +495,8 @@ async fn create_key(
     Ok(HttpResponse::Created().json(json!({ "api_key": key, "key": secret })))
 }
 
-async fn revoke_key(
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant}/api-keys/{key}", tag = "api_keys", params(("tenant" = String, Path, description = "Tenant id"), ("key" = String, Path)), responses((status = 204, description = "Revoked"), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn revoke_key(
     state: web::Data<AppState>,
     req: HttpRequest,
     auth: Authenticated,
@@ -491,15 +512,16 @@ async fn revoke_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct AdminTenantChanges {
+pub(crate) struct AdminTenantChanges {
     plan: Option<String>,
     status: Option<String>,
 }
 
 /// Operators set a tenant's plan (free, premium, enterprise) and status (active, suspended).
-async fn admin_update_tenant(
+#[utoipa::path(patch, path = "/api/v1/admin/tenants/{tenant}", tag = "admin", request_body = AdminTenantChanges, params(("tenant" = String, Path, description = "Tenant id")), responses((status = 200, description = "Updated", body = crate::tenants::Tenant), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse), (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse), (status = 404, description = "Not found, or not yours", body = crate::openapi::ErrorResponse), (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)), security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn admin_update_tenant(
     state: web::Data<AppState>,
     req: HttpRequest,
     admin: SuperAdmin,
