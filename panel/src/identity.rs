@@ -162,6 +162,7 @@ pub fn refresh(
     conn: &mut DbConnection,
     token: &str,
     refresh_ttl_ms: u64,
+    meta: &RequestMeta,
 ) -> Result<Refreshed, IdentityError> {
     conn.transaction(|conn| {
         let now = now_ms();
@@ -215,7 +216,19 @@ pub fn refresh(
         let remaining = u64::try_from(family_end.saturating_sub(now))
             .unwrap_or(0)
             .min(refresh_ttl_ms);
-        let pair = issue_tokens(conn, &user, Some(family), remaining)?;
+        let pair = issue_tokens(conn, &user, Some(family.clone()), remaining)?;
+        audit::record(
+            conn,
+            &Actor::User(user.clone()),
+            meta,
+            Event {
+                tenant: None,
+                action: "auth.refresh",
+                resource_type: "user",
+                resource_id: Some(user.to_string()),
+                metadata: serde_json::json!({ "family": family }),
+            },
+        )?;
         Ok(Refreshed::Ok(pair, user))
     })
 }

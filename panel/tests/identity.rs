@@ -22,6 +22,7 @@ both_backends!(
     a_login_flood_from_one_address_never_locks_out_the_owner,
     state_changing_browser_requests_need_the_csrf_token,
     a_second_factor_step_is_bound_to_its_login,
+    every_account_change_writes_one_audit_entry,
 );
 
 const IP: &str = "198.51.100.10";
@@ -742,4 +743,162 @@ async fn a_second_factor_step_is_bound_to_its_login(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     let _: Value = a.body;
+}
+
+fn audit_actions(t: &TestDb) -> Vec<String> {
+    #[derive(diesel::QueryableByName)]
+    struct Action {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        action: String,
+    }
+    let mut conn = t.db.get_blocking().unwrap();
+    let rows: Vec<Action> = diesel::RunQueryDsl::load(
+        diesel::sql_query("SELECT action FROM audit_log ORDER BY id"),
+        &mut *conn,
+    )
+    .unwrap();
+    rows.into_iter().map(|r| r.action).collect()
+}
+
+/// Each state-changing account route adds exactly the one entry it should; refused
+/// attempts add none.
+async fn every_account_change_writes_one_audit_entry(t: TestDb) {
+    let svc = test::init_service(app(t.state(), common::metrics())).await;
+    let email = "ivy@example.test";
+    let mut expected: Vec<&str> = Vec::new();
+    let mut check = |t: &TestDb, action: Option<&'static str>| {
+        expected.extend(action);
+        assert_eq!(audit_actions(t), expected);
+    };
+    send(
+        &svc,
+        post(
+            "/api/v1/auth/register",
+            json!({"email": email, "password": PASSWORD, "display_name": "Ivy"}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    check(&t, Some("user.create"));
+    // The verification link, signed the way the mail would carry it.
+    let state = t.state();
+    let row = {
+        let mut conn = t.db.get_blocking().unwrap();
+        mamba_panel::users::find_by_email(&mut conn, email)
+            .unwrap()
+            .unwrap()
+    };
+    let token = state.links.sign(&mamba_panel::keys::LinkClaims {
+        purpose: mamba_panel::keys::LinkPurpose::VerifyEmail,
+        user: row.id.clone(),
+        binding: email.into(),
+        expires_at: mamba_panel::db::now_ms() + 60_000,
+    });
+    let a = send(
+        &svc,
+        post("/api/v1/auth/verify-email", json!({"token": token}), IP).to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    check(&t, Some("user.verify_email"));
+    send(
+        &svc,
+        post("/api/v1/auth/verify-email", json!({"token": token}), IP).to_request(),
+    )
+    .await;
+    check(&t, None);
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": "wrong password!!"}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    check(&t, None);
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": PASSWORD, "client": "api"}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    check(&t, Some("auth.login"));
+    let bearer = format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap());
+    let refresh = a.body["tokens"]["refresh_token"].as_str().unwrap().to_string();
+    let a = send(
+        &svc,
+        post("/api/v1/users/me/two-factor/setup", json!({}), IP)
+            .insert_header(("authorization", bearer.clone()))
+            .to_request(),
+    )
+    .await;
+    check(&t, Some("user.two_factor_setup"));
+    let secret = a.body["secret"].as_str().unwrap().to_string();
+    send(
+        &svc,
+        post(
+            "/api/v1/users/me/two-factor/enable",
+            json!({"code": totp_code(&secret, email, 0)}),
+            IP,
+        )
+        .insert_header(("authorization", bearer.clone()))
+        .to_request(),
+    )
+    .await;
+    check(&t, Some("user.two_factor_enable"));
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/users/me/two-factor/disable",
+            json!({"code": totp_code(&secret, email, 30)}),
+            IP,
+        )
+        .insert_header(("authorization", bearer.clone()))
+        .to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    check(&t, Some("user.two_factor_disable"));
+    let a = send(
+        &svc,
+        post("/api/v1/auth/token", json!({"refresh_token": refresh}), IP).to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK);
+    check(&t, Some("auth.refresh"));
+    let bearer = format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap());
+    send(
+        &svc,
+        post("/api/v1/auth/logout", json!({}), IP)
+            .insert_header(("authorization", bearer))
+            .to_request(),
+    )
+    .await;
+    check(&t, Some("auth.logout"));
+    let reset = state.links.sign(&mamba_panel::keys::LinkClaims {
+        purpose: mamba_panel::keys::LinkPurpose::ResetPassword,
+        user: row.id.clone(),
+        binding: mamba_panel::tokens::digest(&row.password_hash)[..32].to_string(),
+        expires_at: mamba_panel::db::now_ms() + 60_000,
+    });
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/auth/password-reset/confirm",
+            json!({"token": reset, "password": "another good passphrase"}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    check(&t, Some("user.password_reset"));
 }

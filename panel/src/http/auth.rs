@@ -514,13 +514,15 @@ pub(crate) struct RefreshBody {
 #[utoipa::path(post, path = "/api/v1/auth/token", tag = "auth", request_body = RefreshBody, responses((status = 200, description = "New tokens; the old refresh token is spent", body = crate::openapi::TokensAnswer), (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse), (status = 401, description = "Invalid, expired or reused", body = crate::openapi::ErrorResponse)))]
 pub(crate) async fn refresh_token(
     state: web::Data<AppState>,
+    req: HttpRequest,
     body: web::Json<RefreshBody>,
 ) -> Result<HttpResponse, ApiError> {
+    let meta = state.meta(&req);
     let refresh_ms = state.config.auth.refresh_days.saturating_mul(86_400_000);
     let token = body.into_inner().refresh_token;
     let outcome = state
         .db
-        .run(move |conn| identity::refresh(conn, &token, refresh_ms).map_err(internal))
+        .run(move |conn| identity::refresh(conn, &token, refresh_ms, &meta).map_err(internal))
         .await?;
     match outcome {
         Refreshed::Ok(pair, _) => Ok(HttpResponse::Ok().json(json!({ "tokens": pair }))),
