@@ -389,11 +389,19 @@ fn unix_secs() -> u64 {
 
 /// Checks a code and consumes its time step: a step is accepted once, and never one older
 /// than the last accepted, so a code seen by someone else cannot be replayed.
-pub fn accept_totp(conn: &mut DbConnection, user: &UserRow, code: &str) -> Result<bool, IdentityError> {
-    let Some(secret) = &user.totp_secret else {
+pub fn accept_totp(
+    conn: &mut DbConnection,
+    sealer: &crate::secrets::FieldSealer,
+    user: &UserRow,
+    code: &str,
+) -> Result<bool, IdentityError> {
+    let Some(sealed) = &user.totp_secret else {
         return Ok(false);
     };
-    let totp = totp_for(secret, &user.email)?;
+    let secret = sealer
+        .open(&user.id, sealed)
+        .map_err(|e| IdentityError::Totp(e.to_string()))?;
+    let totp = totp_for(&secret, &user.email)?;
     let Some(step) = totp.check(code.trim(), unix_secs()) else {
         return Ok(false);
     };
@@ -408,11 +416,19 @@ pub fn accept_totp(conn: &mut DbConnection, user: &UserRow, code: &str) -> Resul
     Ok(claimed == 1)
 }
 
-/// Stores a pending secret (2FA is not on until a code confirms it).
-pub fn begin_totp(conn: &mut DbConnection, user: &UserId, secret_b32: &str) -> QueryResult<()> {
+/// Stores a pending secret, sealed (2FA is not on until a code confirms it).
+pub fn begin_totp(
+    conn: &mut DbConnection,
+    sealer: &crate::secrets::FieldSealer,
+    user: &UserId,
+    secret_b32: &str,
+) -> Result<(), IdentityError> {
+    let sealed = sealer
+        .seal(user.as_str(), secret_b32)
+        .map_err(|e| IdentityError::Totp(e.to_string()))?;
     diesel::update(users::table.find(user.as_str()))
         .set((
-            users::totp_secret.eq(secret_b32),
+            users::totp_secret.eq(sealed),
             users::totp_enabled_at.eq(None::<i64>),
             users::totp_last_step.eq(None::<i64>),
             users::updated_at.eq(now_ms()),

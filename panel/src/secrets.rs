@@ -190,6 +190,62 @@ impl SecretBox {
     }
 }
 
+/// Seals single values that belong to no tenant (users' TOTP seeds) directly under a key
+/// derived from the master key, bound to their owner.
+#[derive(Clone)]
+pub struct FieldSealer {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for FieldSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FieldSealer")
+    }
+}
+
+impl FieldSealer {
+    pub fn totp(master: &MasterKey) -> FieldSealer {
+        FieldSealer {
+            key: master.derive("totp-secrets"),
+        }
+    }
+
+    pub fn seal(&self, owner: &str, value: &str) -> Result<String, SecretError> {
+        seal(&self.key, owner, value.as_bytes())
+    }
+
+    pub fn open(&self, owner: &str, sealed: &str) -> Result<String, SecretError> {
+        String::from_utf8(open(&self.key, owner, sealed)?).map_err(|_| SecretError::Undecryptable)
+    }
+}
+
+/// Reseals users' TOTP seeds from `old` to `new`; seeds already under `new` are skipped, so
+/// this too can run again after an interruption. Returns how many were resealed.
+fn reseal_totp_seeds(
+    conn: &mut DbConnection,
+    old: &MasterKey,
+    new: &MasterKey,
+) -> Result<usize, SecretError> {
+    use crate::db::schema::users;
+    let (old, new) = (FieldSealer::totp(old), FieldSealer::totp(new));
+    let sealed: Vec<(String, String)> = users::table
+        .filter(users::totp_secret.is_not_null())
+        .select((users::id, users::totp_secret.assume_not_null()))
+        .load(conn)?;
+    let mut done = 0;
+    for (user, value) in sealed {
+        if new.open(&user, &value).is_ok() {
+            continue;
+        }
+        let plain = old.open(&user, &value)?;
+        diesel::update(users::table.find(&user))
+            .set(users::totp_secret.eq(new.seal(&user, &plain)?))
+            .execute(conn)?;
+        done += 1;
+    }
+    Ok(done)
+}
+
 /// Rewraps every tenant data key from `old` to `new`, one transaction per key, so it can
 /// be stopped and run again: keys already under `new` are skipped. Returns how many keys
 /// were rewrapped.
@@ -230,6 +286,10 @@ pub fn rotate_master_key(
             Ok::<_, diesel::result::Error>(())
         })?;
         done += 1;
+    }
+    let seeds = reseal_totp_seeds(conn, old, new)?;
+    if seeds > 0 {
+        tracing::info!(count = seeds, "resealed TOTP seeds");
     }
     Ok(done)
 }

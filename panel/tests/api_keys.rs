@@ -19,6 +19,7 @@ both_backends!(
     a_user_holds_at_most_the_maximum_of_keys,
     plan_limits_in_process,
     plan_limits_in_redis_are_shared_by_replicas,
+    a_suspended_tenant_is_closed_to_its_members,
 );
 
 const IP: &str = "198.51.100.40";
@@ -568,4 +569,75 @@ async fn plan_limits_in_redis_are_shared_by_replicas(t: TestDb) {
     let ready = send(&one, common::get("/readyz", IP).to_request()).await;
     assert_eq!(ready.body["redis"], "ok");
     plan_limits(&t, &one, &two, true).await;
+}
+
+async fn a_suspended_tenant_is_closed_to_its_members(t: TestDb) {
+    make_user(&t, "owner@susp.test", false);
+    make_user(&t, "ops@susp.test", true);
+    let svc = test::init_service(app(t.state(), common::metrics())).await;
+    let owner = login(&svc, "owner@susp.test").await;
+    let ops = login(&svc, "ops@susp.test").await;
+    let tid = new_tenant(&svc, &owner, "suspended").await;
+    let uri = format!("/api/v1/tenants/{tid}");
+    assert_eq!(
+        call(&svc, Method::GET, &uri, &owner, json!(null), IP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let admin_uri = format!("/api/v1/admin/tenants/{tid}");
+    let a = call(
+        &svc,
+        Method::PATCH,
+        &admin_uri,
+        &ops,
+        json!({"status": "frozen"}),
+        IP,
+    )
+    .await;
+    assert_eq!(a.body["error"]["details"][0]["field"], "status");
+    let a = call(
+        &svc,
+        Method::PATCH,
+        &admin_uri,
+        &ops,
+        json!({"status": "suspended"}),
+        IP,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let a = call(&svc, Method::GET, &uri, &owner, json!(null), IP).await;
+    assert_eq!(
+        (a.status, a.body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("tenant_suspended"))
+    );
+    call(
+        &svc,
+        Method::PATCH,
+        &admin_uri,
+        &ops,
+        json!({"status": "active"}),
+        IP,
+    )
+    .await;
+    assert_eq!(
+        call(&svc, Method::GET, &uri, &owner, json!(null), IP)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let log = call(
+        &svc,
+        Method::GET,
+        &format!("{uri}/audit?action=tenant.admin_update"),
+        &owner,
+        json!(null),
+        IP,
+    )
+    .await;
+    assert_eq!(
+        log.body["items"].as_array().unwrap().len(),
+        2,
+        "operators' changes are audited in the tenant's log"
+    );
 }

@@ -116,6 +116,18 @@ async fn the_whole_identity_flow_over_smtp(t: TestDb) {
             .unwrap()
             .starts_with("otpauth://totp/")
     );
+    {
+        // The seed is sealed at rest.
+        let mut conn = t.db.get_blocking().unwrap();
+        let row = mamba_panel::users::find_by_email(&mut conn, email)
+            .unwrap()
+            .unwrap();
+        let stored = row.totp_secret.unwrap();
+        assert!(
+            !stored.contains(&secret),
+            "the TOTP seed must not be stored in the clear"
+        );
+    }
     let enable_code = totp_code(&secret, email, 0);
     let a = send(
         &svc,

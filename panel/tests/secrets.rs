@@ -130,7 +130,20 @@ async fn rotating_the_master_key_rewraps_data_keys(t: TestDb) {
             .put(&mut conn, scope, "gateway_key", &format!("sk_{i}"), &meta)
             .unwrap();
     }
+    // A user's TOTP seed, sealed under the old key.
+    let seed_owner = scopes[0].user().clone();
+    let old_sealer = mamba_panel::secrets::FieldSealer::totp(&old);
+    mamba_panel::identity::begin_totp(&mut conn, &old_sealer, &seed_owner, "JBSWY3DPEHPK3PXPJBSWY3DP")
+        .unwrap();
     assert_eq!(rotate_master_key(&mut conn, &old, &new).unwrap(), 3);
+    let row = users::find(&mut conn, &seed_owner).unwrap().unwrap();
+    let sealed = row.totp_secret.unwrap();
+    let new_sealer = mamba_panel::secrets::FieldSealer::totp(&new);
+    assert_eq!(
+        new_sealer.open(seed_owner.as_str(), &sealed).unwrap(),
+        "JBSWY3DPEHPK3PXPJBSWY3DP"
+    );
+    assert!(old_sealer.open(seed_owner.as_str(), &sealed).is_err());
     for (i, scope) in scopes.iter().enumerate() {
         let value = SecretBox::new(&new).get(&mut conn, scope, "gateway_key").unwrap();
         assert_eq!(value, Some(format!("sk_{i}")));

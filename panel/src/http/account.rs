@@ -49,12 +49,13 @@ pub(crate) async fn two_factor_setup(
         .map_err(|e| ApiError::internal(e.to_string()))?;
     let id = auth.user_id();
     let stored = secret.clone();
+    let sealer = state.totp_sealer.clone();
     state
         .db
         .run(move |conn| -> Result<(), ApiError> {
             use diesel::Connection;
             conn.transaction(|conn| {
-                identity::begin_totp(conn, &id, &stored)?;
+                identity::begin_totp(conn, &sealer, &id, &stored).map_err(map_identity)?;
                 audit::record(
                     conn,
                     &Actor::User(id.clone()),
@@ -100,12 +101,13 @@ pub(crate) async fn two_factor_enable(
         ));
     }
     let meta = state.meta(&req);
+    let sealer = state.totp_sealer.clone();
     let codes = state
         .db
         .run(move |conn| -> Result<Option<Vec<String>>, ApiError> {
             use diesel::Connection;
             conn.transaction(|conn| {
-                if !identity::accept_totp(conn, &auth.user, &body.code).map_err(map_identity)? {
+                if !identity::accept_totp(conn, &sealer, &auth.user, &body.code).map_err(map_identity)? {
                     return Ok(None);
                 }
                 identity::enable_totp(conn, &auth.user_id(), &meta)
@@ -133,13 +135,15 @@ pub(crate) async fn two_factor_disable(
         ));
     }
     let meta = state.meta(&req);
+    let sealer = state.totp_sealer.clone();
     let done = state
         .db
         .run(move |conn| -> Result<bool, ApiError> {
             use diesel::Connection;
             conn.transaction(|conn| {
                 let id = auth.user_id();
-                let ok = identity::accept_totp(conn, &auth.user, &body.code).map_err(map_identity)?
+                let ok = identity::accept_totp(conn, &sealer, &auth.user, &body.code)
+                    .map_err(map_identity)?
                     || identity::use_recovery_code(conn, &id, &body.code)?;
                 if ok {
                     identity::disable_totp(conn, &id, &meta)?;

@@ -474,6 +474,7 @@ pub(crate) async fn login_two_factor(
             ApiError::unauthorized("the login has expired; start again").with_code("invalid_challenge")
         })?;
     let user = challenge.user.clone();
+    let sealer = state.totp_sealer.clone();
     let method = if body.code.is_some() {
         "totp"
     } else {
@@ -486,7 +487,7 @@ pub(crate) async fn login_two_factor(
             conn.transaction(|conn| {
                 let ok = match (&body.code, &body.recovery_code) {
                     (Some(code), _) => {
-                        identity::accept_totp(conn, &challenge.user, code).map_err(internal)?
+                        identity::accept_totp(conn, &sealer, &challenge.user, code).map_err(internal)?
                     }
                     (None, Some(code)) => {
                         identity::use_recovery_code(conn, &UserId::from_db(challenge.user.id.clone()), code)?

@@ -39,6 +39,8 @@ pub struct AppState {
     pub limiter: Limiter,
     /// Seals and opens tenants' stored secrets.
     pub secrets: crate::secrets::SecretBox,
+    /// Seals users' TOTP seeds at rest.
+    pub totp_sealer: crate::secrets::FieldSealer,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,7 @@ impl AppState {
             hasher,
             links: LinkSigner::new(master),
             secrets: crate::secrets::SecretBox::new(master),
+            totp_sealer: crate::secrets::FieldSealer::totp(master),
             mailer: Mailer::from_config(&config.smtp)?,
             limiter: Limiter::local(),
             config: Arc::new(config),
