@@ -128,8 +128,13 @@ impl ManageConnection for ConnectionManager {
             .map_err(r2d2::Error::QueryError)
     }
 
-    fn has_broken(&self, _conn: &mut DbConnection) -> bool {
-        false
+    /// Checked when a connection comes back: one the server dropped (a restart, a failover)
+    /// is discarded instead of being handed out again.
+    fn has_broken(&self, conn: &mut DbConnection) -> bool {
+        match conn {
+            DbConnection::Postgres(c) => diesel::r2d2::R2D2Connection::is_broken(c),
+            DbConnection::Sqlite(c) => diesel::r2d2::R2D2Connection::is_broken(c),
+        }
     }
 }
 
@@ -164,6 +169,9 @@ impl Db {
         let pool = Pool::builder()
             .max_size(size)
             .min_idle(Some(1))
+            // A broken connection shows up as a failed query anyway; testing each one on
+            // checkout would double the round trips of every request.
+            .test_on_check_out(false)
             .connection_timeout(acquire_timeout)
             .build(ConnectionManager { url })
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
