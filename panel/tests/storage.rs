@@ -240,3 +240,33 @@ async fn the_openapi_document_matches_the_routes_and_the_docs_work_offline() {
         assert!(!page.contains(external), "the docs page must not load {external}");
     }
 }
+
+/// Connections PostgreSQL drops are discarded, not handed out again: after a burst of
+/// failures bounded by the pool's size, requests succeed again.
+#[actix_web::test]
+async fn the_pool_recovers_when_postgres_drops_its_connections() {
+    let Some(t) = TestDb::new(Kind::Postgres) else {
+        return;
+    };
+    let svc = test::init_service(app(t.state(), common::metrics())).await;
+    macro_rules! ready {
+        () => {
+            test::call_service(&svc, test::TestRequest::get().uri("/readyz").to_request())
+                .await
+                .status()
+        };
+    }
+    assert_eq!(ready!(), StatusCode::OK);
+    t.terminate_connections();
+    let mut failures = 0;
+    loop {
+        if ready!() == StatusCode::OK {
+            break;
+        }
+        failures += 1;
+        assert!(failures <= 8, "the pool keeps handing out dead connections");
+    }
+    for _ in 0..10 {
+        assert_eq!(ready!(), StatusCode::OK);
+    }
+}

@@ -94,6 +94,21 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Makes PostgreSQL close every connection to this test's database, as a server restart
+    /// or failover would.
+    pub fn terminate_connections(&self) {
+        if let Some((admin, name)) = &self.postgres {
+            let mut conn = diesel::PgConnection::establish(admin).unwrap();
+            diesel::sql_query(format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+            ))
+            .execute(&mut conn)
+            .unwrap();
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some((admin, name)) = &self.postgres {
