@@ -75,6 +75,8 @@ impl MasterKey {
 pub enum LinkPurpose {
     VerifyEmail,
     ResetPassword,
+    /// Confirms a new address; the binding is `old address -> new address`.
+    ChangeEmail,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

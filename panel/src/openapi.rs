@@ -155,6 +155,8 @@ impl Modify for Security {
         crate::http::account::two_factor_enable,
         crate::http::account::two_factor_disable,
         crate::http::account::admin_list_users,
+        crate::http::account::request_email_change,
+        crate::http::account::confirm_email_change,
         crate::http::tenants::catalogue,
         crate::http::tenants::create_tenant,
         crate::http::tenants::my_tenants,

@@ -23,6 +23,7 @@ both_backends!(
     state_changing_browser_requests_need_the_csrf_token,
     a_second_factor_step_is_bound_to_its_login,
     every_account_change_writes_one_audit_entry,
+    changing_the_email_reveals_no_other_account,
 );
 
 const IP: &str = "198.51.100.10";
@@ -913,4 +914,92 @@ async fn every_account_change_writes_one_audit_entry(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     check(&t, Some("user.password_reset"));
+}
+
+async fn changing_the_email_reveals_no_other_account(t: TestDb) {
+    let email = verified_user(&t, "jude@example.test").await;
+    verified_user(&t, "taken@example.test").await;
+    let svc = test::init_service(app(t.state(), common::metrics())).await;
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": PASSWORD, "client": "api"}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    let bearer = format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap());
+    let change = |new: &str, password: &str| {
+        post(
+            "/api/v1/users/me/email",
+            json!({"new_email": new, "password": password}),
+            IP,
+        )
+        .insert_header(("authorization", bearer.clone()))
+        .to_request()
+    };
+    let taken = send(&svc, change("taken@example.test", PASSWORD)).await;
+    let free = send(&svc, change("jude.new@example.test", PASSWORD)).await;
+    assert_eq!(taken.status, StatusCode::ACCEPTED);
+    assert_eq!((taken.status, &taken.body), (free.status, &free.body));
+    let wrong = send(&svc, change("jude.new@example.test", "not my password")).await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    let bad = send(&svc, change("nope", PASSWORD)).await;
+    assert_eq!(bad.body["error"]["details"][0]["field"], "new_email");
+
+    // The link (as mailed to the new address) moves the account; it works once.
+    let row = {
+        let mut conn = t.db.get_blocking().unwrap();
+        mamba_panel::users::find_by_email(&mut conn, &email)
+            .unwrap()
+            .unwrap()
+    };
+    let token = t.state().links.sign(&mamba_panel::keys::LinkClaims {
+        purpose: mamba_panel::keys::LinkPurpose::ChangeEmail,
+        user: row.id.clone(),
+        binding: format!("{email} -> jude.new@example.test"),
+        expires_at: mamba_panel::db::now_ms() + 60_000,
+    });
+    let before = audit_actions(&t).len();
+    let a = send(
+        &svc,
+        post("/api/v1/auth/confirm-email-change", json!({"token": token}), IP).to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(audit_actions(&t)[before..], ["user.email_change".to_string()]);
+    let me = send(
+        &svc,
+        get("/api/v1/users/me", IP)
+            .insert_header(("authorization", bearer.clone()))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(me.body["email"], "jude.new@example.test");
+    let again = send(
+        &svc,
+        post("/api/v1/auth/confirm-email-change", json!({"token": token}), IP).to_request(),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST);
+    // A verification link is no change-email link.
+    let wrong_purpose = t.state().links.sign(&mamba_panel::keys::LinkClaims {
+        purpose: mamba_panel::keys::LinkPurpose::VerifyEmail,
+        user: row.id,
+        binding: "jude.new@example.test -> x@example.test".into(),
+        expires_at: mamba_panel::db::now_ms() + 60_000,
+    });
+    let a = send(
+        &svc,
+        post(
+            "/api/v1/auth/confirm-email-change",
+            json!({"token": wrong_purpose}),
+            IP,
+        )
+        .to_request(),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::BAD_REQUEST);
 }

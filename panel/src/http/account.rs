@@ -19,6 +19,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/users/me/two-factor/setup", web::post().to(two_factor_setup))
         .route("/users/me/two-factor/enable", web::post().to(two_factor_enable))
         .route("/users/me/two-factor/disable", web::post().to(two_factor_disable))
+        .route("/users/me/email", web::post().to(request_email_change))
         .route("/admin/users", web::get().to(admin_list_users));
 }
 
@@ -177,4 +178,152 @@ pub(crate) async fn admin_list_users(
         .run(move |conn| users::list(conn, &page).map_err(ApiError::from))
         .await?;
     Ok(HttpResponse::Ok().json(users))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmailChangeBody {
+    new_email: String,
+    password: String,
+}
+
+const EMAIL_CHANGE_SENT: &str = "if the address can be used, a confirmation link is on its way to it";
+
+/// Asks to change the caller's address. The answer is the same whether or not the new
+/// address is taken; the confirmation link goes to the new address.
+#[utoipa::path(post, path = "/api/v1/users/me/email", tag = "account", request_body = EmailChangeBody,
+    responses((status = 202, description = "Accepted, whether or not the address is free", body = crate::openapi::Message),
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "Not logged in, or wrong password", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "Not allowed", body = crate::openapi::ErrorResponse),
+        (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse),
+        (status = 429, description = "Rate limited", body = crate::openapi::ErrorResponse)),
+    security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn request_email_change(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    auth: Authenticated,
+    body: web::Json<EmailChangeBody>,
+) -> Result<HttpResponse, ApiError> {
+    let meta = state.meta(&req);
+    let body = body.into_inner();
+    let new_email = users::normalise_email(&body.new_email).map_err(|m| ApiError::invalid("new_email", m))?;
+    super::auth::enforce(
+        state
+            .limiter
+            .hit(
+                &format!("email-req:{}", meta.ip.map(|i| i.to_string()).unwrap_or_default()),
+                state.config.rate_limits.email_requests_per_ip_per_hour,
+                std::time::Duration::from_secs(3600),
+            )
+            .await,
+    )?;
+    let hasher = state.hasher.clone();
+    let stored = auth.user.password_hash.clone();
+    let password_ok = web::block(move || hasher.verify(&body.password, &stored))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if !password_ok {
+        return Err(ApiError::unauthorized("the password is wrong").with_code("invalid_credentials"));
+    }
+    let lookup = new_email.clone();
+    let taken = state
+        .db
+        .run(move |conn| users::find_by_email(conn, &lookup).map_err(ApiError::from))
+        .await?
+        .is_some();
+    if !taken && new_email != auth.user.email {
+        let hours = i64::try_from(state.config.auth.link_hours).unwrap_or(24);
+        let token = state.links.sign(&crate::keys::LinkClaims {
+            purpose: crate::keys::LinkPurpose::ChangeEmail,
+            user: auth.user.id.clone(),
+            binding: format!("{} -> {new_email}", auth.user.email),
+            expires_at: crate::db::now_ms().saturating_add(hours.saturating_mul(3_600_000)),
+        });
+        let mail = crate::mail::Mail {
+            to: new_email,
+            subject: "Confirm your new email address".into(),
+            body: format!(
+                "Someone (perhaps you) asked to move a Mamba account to this address. To confirm, open:\n\n\
+                 {}/confirm-email?token={token}\n\nIf it was not you, ignore this email.\n",
+                state.config.http.public_url
+            ),
+        };
+        if let Err(e) = state.mailer.send(mail).await {
+            tracing::error!(error = %e, "email-change confirmation not sent");
+        }
+    }
+    Ok(HttpResponse::Accepted().json(json!({ "message": EMAIL_CHANGE_SENT })))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConfirmEmailBody {
+    token: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/auth/confirm-email-change", tag = "account", request_body = ConfirmEmailBody,
+    responses((status = 200, description = "The address changed", body = crate::openapi::Message),
+        (status = 400, description = "The link is not valid", body = crate::openapi::ErrorResponse),
+        (status = 409, description = "The address was taken meanwhile", body = crate::openapi::ErrorResponse)))]
+pub(crate) async fn confirm_email_change(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<ConfirmEmailBody>,
+) -> Result<HttpResponse, ApiError> {
+    let meta = state.meta(&req);
+    let claims = state
+        .links
+        .verify(&body.token, crate::keys::LinkPurpose::ChangeEmail)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_token", e.to_string()))?;
+    state
+        .db
+        .run(move |conn| -> Result<(), ApiError> {
+            use diesel::prelude::*;
+
+            use crate::db::schema::users as u;
+            let invalid = || ApiError::new(StatusCode::BAD_REQUEST, "invalid_token", "the link is not valid");
+            let (old, new) = claims.binding.split_once(" -> ").ok_or_else(invalid)?;
+            conn.transaction(|conn| {
+                let id = crate::ids::UserId::from_db(claims.user.clone());
+                // Bound to the old address: once used (or after another change) it is dead.
+                users::find(conn, &id)?
+                    .filter(|row| row.email == old)
+                    .ok_or_else(invalid)?;
+                let changed = diesel::update(u::table.find(id.as_str()))
+                    .set((
+                        u::email.eq(new),
+                        u::email_verified_at.eq(crate::db::now_ms()),
+                        u::updated_at.eq(crate::db::now_ms()),
+                    ))
+                    .execute(conn);
+                match changed {
+                    Err(diesel::result::Error::DatabaseError(
+                        diesel::result::DatabaseErrorKind::UniqueViolation,
+                        _,
+                    )) => {
+                        return Err(ApiError::conflict(
+                            "email_taken",
+                            "this address was taken meanwhile",
+                        ));
+                    }
+                    other => other?,
+                };
+                audit::record(
+                    conn,
+                    &Actor::User(id.clone()),
+                    &meta,
+                    Event {
+                        tenant: None,
+                        action: "user.email_change",
+                        resource_type: "user",
+                        resource_id: Some(id.to_string()),
+                        metadata: json!({}),
+                    },
+                )?;
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "message": "email address changed" })))
 }

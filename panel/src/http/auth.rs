@@ -39,7 +39,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/token", web::post().to(refresh_token))
             .route("/logout", web::post().to(logout))
             .route("/password-reset", web::post().to(request_password_reset))
-            .route("/password-reset/confirm", web::post().to(confirm_password_reset)),
+            .route("/password-reset/confirm", web::post().to(confirm_password_reset))
+            .route(
+                "/confirm-email-change",
+                web::post().to(super::account::confirm_email_change),
+            ),
     );
 }
 
