@@ -160,6 +160,13 @@ impl Db {
     pub fn connect(url: &str, pool_size: u32, acquire_timeout: Duration) -> Result<Db, DbError> {
         let url = DatabaseUrl::parse(url)?;
         let backend = url.backend();
+        // "No setup" includes the folder of a new SQLite file.
+        if let DatabaseUrl::Sqlite(path) = &url
+            && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| DbError::Config(format!("cannot create {}: {e}", parent.display())))?;
+        }
         // SQLite allows one writer at a time; a small pool avoids piling writers onto the
         // busy timeout.
         let size = match backend {
