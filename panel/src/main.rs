@@ -68,6 +68,11 @@ fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    // Serving without the master key would fail anyway; say so before touching the database.
+    let master = match cli.command {
+        Command::Serve => Some(MasterKey::from_env()?),
+        _ => None,
+    };
     let db = Db::connect(
         &config.database.url,
         config.database.pool_size,
@@ -83,7 +88,10 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(count = applied.len(), "database is up to date");
             Ok(())
         }
-        Command::Serve => actix_web::rt::System::new().block_on(serve(config, db)),
+        Command::Serve => match master {
+            Some(master) => actix_web::rt::System::new().block_on(serve(config, db, master)),
+            None => Err(anyhow::anyhow!("the master key was not loaded")),
+        },
         Command::Admin {
             command: AdminCommand::CreateUser { email, name },
         } => create_admin(&config, &db, &email, &name),
@@ -93,10 +101,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(config: Config, db: Db) -> anyhow::Result<()> {
+async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> {
     let listen = config.http.listen;
     let workers = config.http.workers;
-    let master = MasterKey::from_env()?;
     let redis = (config.redis.url.clone(), config.redis.key_prefix.clone());
     let mut state = AppState::new(config, db, &master)?;
     if !redis.0.is_empty() {
