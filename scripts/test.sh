@@ -25,6 +25,12 @@ python3 -c 'import websockets, rcon' 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     'websockets>=14,<18' 'rcon>=2.4,<3'
 
+# --- panel services (PostgreSQL, and the tools the panel's tests use) ---------------------
+step "panel services"
+# shellcheck source=scripts/panel-services.sh
+source scripts/panel-services.sh
+# --- end panel services -------------------------------------------------------------------
+
 step "game images (rebuilt only when a recipe changes)"
 bash scripts/images.sh
 
@@ -33,6 +39,10 @@ cargo fmt --all --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# Before cargo test, so that the run still closes with cargo's own summary lines.
+step "schemathesis against the panel's OpenAPI document"
+bash scripts/schemathesis.sh
 
 step "cargo test"
 cargo test --workspace --locked --no-fail-fast

@@ -1,7 +1,171 @@
-//! `panel`: the Mamba control plane. Its storage, identity and REST API are the next piece
-//! of work (see ROADMAP.md); until then this binary only says so.
+//! `panel`: the Mamba control plane.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("panel: the control plane is not built yet; run `scripts/run.sh` for wings with a demo server");
-    std::process::ExitCode::from(2)
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use actix_web::{HttpServer, web};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mamba_panel::audit::Actor;
+use mamba_panel::config::Config;
+use mamba_panel::db::Db;
+use mamba_panel::http::{AppState, app};
+use mamba_panel::keys::MasterKey;
+use mamba_panel::metrics::Metrics;
+use mamba_panel::password::PasswordHasherConfig;
+use mamba_panel::ratelimit::Limiter;
+use mamba_panel::request_meta::RequestMeta;
+use mamba_panel::users::{self, NewUser};
+
+#[derive(Parser)]
+#[command(name = "panel", version, about = "The Mamba control plane")]
+struct Cli {
+    /// Configuration file (TOML). Optional: PANEL_* variables, DATABASE_URL and REDIS_URL
+    /// override it or stand in for it.
+    #[arg(long, short, env = "PANEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "PANEL_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending migrations, then serve the API.
+    Serve,
+    /// Apply pending migrations and exit.
+    Migrate,
+    /// Operator commands.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Rewrap every tenant's data key from PANEL_MASTER_KEY to PANEL_NEW_MASTER_KEY. Safe to
+    /// run again after an interruption; afterwards, run the panel with the new key.
+    RotateMasterKey,
+    /// Create a super-admin with a generated password and print the credentials once.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long, default_value = "Administrator")]
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if cli.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    // Serving without the master key would fail anyway; say so before touching the database.
+    let master = match cli.command {
+        Command::Serve => Some(MasterKey::from_env()?),
+        _ => None,
+    };
+    let db = Db::connect(
+        &config.database.url,
+        config.database.pool_size,
+        Duration::from_secs(config.database.acquire_timeout_secs),
+    )
+    .context("connecting to the database")?;
+    let applied = db.migrate_blocking().context("migrating the database")?;
+    for name in &applied {
+        tracing::info!(migration = %name, "applied");
+    }
+    match cli.command {
+        Command::Migrate => {
+            tracing::info!(count = applied.len(), "database is up to date");
+            Ok(())
+        }
+        Command::Serve => match master {
+            Some(master) => actix_web::rt::System::new().block_on(serve(config, db, master)),
+            None => Err(anyhow::anyhow!("the master key was not loaded")),
+        },
+        Command::Admin {
+            command: AdminCommand::CreateUser { email, name },
+        } => create_admin(&config, &db, &email, &name),
+        Command::Admin {
+            command: AdminCommand::RotateMasterKey,
+        } => rotate_master_key(&db),
+    }
+}
+
+async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> {
+    let listen = config.http.listen;
+    let workers = config.http.workers;
+    let redis = (config.redis.url.clone(), config.redis.key_prefix.clone());
+    let mut state = AppState::new(config, db, &master)?;
+    if !redis.0.is_empty() {
+        state.limiter = Limiter::redis(&redis.0, &redis.1)
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        tracing::info!("rate limits are kept in Redis");
+    }
+    let state = web::Data::new(state);
+    let metrics = web::Data::new(Metrics::new()?);
+    tracing::info!(%listen, "panel listening");
+    HttpServer::new(move || app(state.clone(), metrics.clone()))
+        .workers(workers)
+        .bind(listen)
+        .with_context(|| format!("binding {listen}"))?
+        .run()
+        .await?;
+    Ok(())
+}
+
+fn create_admin(config: &Config, db: &Db, email: &str, name: &str) -> anyhow::Result<()> {
+    let email = users::normalise_email(email).map_err(|m| anyhow::anyhow!("--email {m}"))?;
+    let name = users::check_display_name(name).map_err(|m| anyhow::anyhow!("--name {m}"))?;
+    let password = mamba_panel::tokens::random_token(18)?;
+    let hasher = PasswordHasherConfig::new(&config.auth)?;
+    let mut conn = db.get_blocking()?;
+    let user = users::create(
+        &mut conn,
+        NewUser {
+            email: email.clone(),
+            display_name: name,
+            password_hash: hasher.hash(&password)?,
+            email_verified: true,
+            is_super_admin: true,
+        },
+        &Actor::System,
+        &RequestMeta::system(),
+    )
+    .context("creating the user")?;
+    // The one place the password is ever shown; it is not logged.
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "created super-admin {}", user.id)?;
+    writeln!(out, "email:    {email}")?;
+    writeln!(out, "password: {password}")?;
+    Ok(())
+}
+
+fn rotate_master_key(db: &Db) -> anyhow::Result<()> {
+    let old = MasterKey::from_env().context("the current key")?;
+    let new_text = std::env::var("PANEL_NEW_MASTER_KEY").context("PANEL_NEW_MASTER_KEY is not set")?;
+    let new = MasterKey::from_base64(&new_text).context("PANEL_NEW_MASTER_KEY")?;
+    let mut conn = db.get_blocking()?;
+    let count = mamba_panel::secrets::rotate_master_key(&mut conn, &old, &new)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "rewrapped {count} tenant data keys under master key {}",
+        new.id()
+    )?;
+    writeln!(
+        out,
+        "now set PANEL_MASTER_KEY to the new key and restart every panel"
+    )?;
+    Ok(())
 }

@@ -1,0 +1,4 @@
+DROP TABLE invitations;
+DROP TABLE memberships;
+DROP TABLE roles;
+DROP TABLE tenants;

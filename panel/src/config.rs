@@ -1,0 +1,375 @@
+//! The panel's configuration: one typed struct, read from a TOML file with `PANEL_*`
+//! environment overrides (`PANEL_HTTP__LISTEN=0.0.0.0:8090` sets `http.listen`). The
+//! conventional `DATABASE_URL` and `REDIS_URL` variables override `database.url` and
+//! `redis.url`, so container platforms that inject them just work.
+//!
+//! Every default lives here, and `config.example.toml` documents each one; a test keeps the
+//! two in sync.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub redis: RedisConfig,
+    pub auth: AuthConfig,
+    pub smtp: SmtpConfig,
+    pub rate_limits: RateLimitConfig,
+    pub api_keys: ApiKeyConfig,
+    pub plans: PlanConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Live (unrevoked) keys one user may hold, across tenants.
+    pub max_per_user: u32,
+}
+
+impl Default for ApiKeyConfig {
+    fn default() -> Self {
+        ApiKeyConfig { max_per_user: 25 }
+    }
+}
+
+/// Requests per hour an API key may make, by its tenant's plan. 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    pub free_per_hour: u32,
+    pub premium_per_hour: u32,
+    pub enterprise_per_hour: u32,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            free_per_hour: 100,
+            premium_per_hour: 1000,
+            enterprise_per_hour: 0,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// `None`: no limit.
+    pub fn hourly_limit(&self, plan: &str) -> Option<u32> {
+        let limit = match plan {
+            "premium" => self.premium_per_hour,
+            "enterprise" => self.enterprise_per_hour,
+            _ => self.free_per_hour,
+        };
+        (limit > 0).then_some(limit)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// HTTP worker threads.
+    pub workers: usize,
+    /// Largest JSON request body accepted, in bytes.
+    pub max_json_bytes: usize,
+    /// The address people reach the panel at; links in emails start with it.
+    pub public_url: String,
+    /// Peers whose `X-Forwarded-For` is believed. Everyone else's is ignored.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            workers: 2,
+            max_json_bytes: 64 * 1024,
+            public_url: "http://127.0.0.1:8090".into(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite:///absolute/path.db` or `postgres://user:pass@host/db`.
+    pub url: String,
+    /// Connections kept open; queries wait for a free one.
+    pub pool_size: u32,
+    /// Seconds a query waits for a free connection before the request fails.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite:///var/lib/mamba/panel.db".into(),
+            pool_size: 8,
+            acquire_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:6379/0`. Empty: rate limits are kept in this process only.
+    pub url: String,
+    /// Prepended to every key this panel writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            key_prefix: "mamba".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Memory argon2id uses per password hash, in KiB.
+    pub argon2_memory_kib: u32,
+    /// argon2id passes over that memory.
+    pub argon2_iterations: u32,
+    /// Browser sessions last this long.
+    pub session_hours: u64,
+    /// API refresh tokens (and so a login) last this long, however often they rotate.
+    pub refresh_days: u64,
+    /// Email verification and password-reset links expire after this long.
+    pub link_hours: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        // OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane).
+        AuthConfig {
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            session_hours: 24 * 7,
+            refresh_days: 30,
+            link_hours: 24,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpSecurity {
+    /// TLS from the first byte (usually port 465).
+    Tls,
+    /// Plain connection upgraded with STARTTLS, which is required (usually port 587).
+    Starttls,
+    /// No encryption: only for a relay on the same host, or a test sink.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Empty: emails are written to the log instead of sent.
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: String,
+    /// Prefer PANEL_SMTP__PASSWORD over writing it in the file.
+    pub password: String,
+    /// The sender, e.g. `Mamba <noreply@example.com>`.
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            host: String::new(),
+            port: 587,
+            security: SmtpSecurity::Starttls,
+            username: String::new(),
+            password: String::new(),
+            from: "Mamba <noreply@localhost>".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Login attempts one client address may make per minute, whatever the accounts.
+    pub login_per_ip_per_minute: u32,
+    /// Login attempts on one account from one address per 15 minutes. Keyed by both, so an
+    /// attacker exhausts only their own allowance and never locks the owner out.
+    pub login_per_account_per_15min: u32,
+    /// Registration and password-reset requests one address may make per hour.
+    pub email_requests_per_ip_per_hour: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            login_per_ip_per_minute: 30,
+            login_per_account_per_15min: 10,
+            email_requests_per_ip_per_hour: 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path` when it exists (the panel also runs from the environment alone), then
+    /// the environment on top.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(ConfigError::Invalid(format!("{} does not exist", path.display())));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        Self::from_figment(figment)
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment
+            // PANEL_CONFIG and PANEL_LOG_JSON are command-line options; PANEL_MASTER_KEY and
+            // PANEL_NEW_MASTER_KEY are secrets read on their own, never part of the config.
+            .merge(
+                Env::prefixed("PANEL_")
+                    .ignore(&["config", "log_json", "master_key", "new_master_key"])
+                    .split("__"),
+            )
+            .merge(Env::raw().only(&["database_url"]).map(|_| "database.url".into()))
+            .merge(Env::raw().only(&["redis_url"]).map(|_| "redis.url".into()))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if self.http.workers == 0 {
+            return bad("http.workers must be at least 1");
+        }
+        if !(self.http.public_url.starts_with("http://") || self.http.public_url.starts_with("https://")) {
+            return bad("http.public_url must start with http:// or https://");
+        }
+        if crate::db::DatabaseUrl::parse(&self.database.url).is_err() {
+            return bad("database.url (DATABASE_URL) must start with sqlite:// or postgres://");
+        }
+        if self.database.pool_size == 0 {
+            return bad("database.pool_size must be at least 1");
+        }
+        if !self.redis.url.is_empty() && !self.redis.url.starts_with("redis://") {
+            return bad("redis.url (REDIS_URL) must start with redis://");
+        }
+        if self.auth.argon2_memory_kib < 8 * 1024 || self.auth.argon2_iterations == 0 {
+            return bad("auth.argon2_memory_kib must be at least 8192 and auth.argon2_iterations at least 1");
+        }
+        if self.auth.session_hours == 0 || self.auth.refresh_days == 0 || self.auth.link_hours == 0 {
+            return bad("auth.session_hours, auth.refresh_days and auth.link_hours must be at least 1");
+        }
+        if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
+            return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[expect(
+    clippy::result_large_err,
+    reason = "figment's test jail fixes the closure's error type"
+)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config.example.toml");
+
+    fn keys(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (k, v) in table {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                keys(v, &path, out);
+                out.push(path);
+            }
+        }
+    }
+
+    /// The example documents exactly the defaults, and every key.
+    #[test]
+    fn example_config_matches_defaults() {
+        let example: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(example, Config::default());
+        let mut documented = Vec::new();
+        keys(
+            &toml::from_str::<toml::Value>(EXAMPLE).unwrap(),
+            "",
+            &mut documented,
+        );
+        let mut all = Vec::new();
+        keys(&toml::Value::try_from(Config::default()).unwrap(), "", &mut all);
+        documented.sort();
+        all.sort();
+        assert_eq!(documented, all, "config.example.toml must list every key");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("panel.toml", "[http]\nworkers = 3\n")?;
+            jail.set_env("PANEL_HTTP__LISTEN", "0.0.0.0:9000");
+            jail.set_env("DATABASE_URL", "postgres://u@db/panel");
+            jail.set_env("REDIS_URL", "redis://cache:6379/0");
+            jail.set_env("PANEL_MASTER_KEY", "never-a-config-key");
+            let config = Config::load(Some(Path::new("panel.toml"))).unwrap();
+            assert_eq!(config.http.workers, 3);
+            assert_eq!(config.http.listen, "0.0.0.0:9000".parse().unwrap());
+            assert_eq!(config.database.url, "postgres://u@db/panel");
+            assert_eq!(config.redis.url, "redis://cache:6379/0");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "mysql://nope");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("database.url"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PANEL_HTTP__WORKERS", "0");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("http.workers"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PANEL_HTTP__NOT_A_KEY", "1");
+            assert!(Config::load(None).is_err(), "unknown keys are refused");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,198 @@
+//! The one schema both backends share. Written by hand to match `migrations/*`; the
+//! `schema_matches_migrations` test compares it with what the migrations create.
+
+diesel::table! {
+    users (id) {
+        id -> Text,
+        email -> Text,
+        display_name -> Text,
+        password_hash -> Text,
+        email_verified_at -> Nullable<BigInt>,
+        is_super_admin -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        totp_secret -> Nullable<Text>,
+        totp_enabled_at -> Nullable<BigInt>,
+        totp_last_step -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    sessions (id) {
+        id -> Text,
+        token_hash -> Text,
+        csrf_hash -> Text,
+        user_id -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        ip -> Nullable<Text>,
+        user_agent -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    refresh_tokens (id) {
+        id -> Text,
+        token_hash -> Text,
+        family_id -> Text,
+        user_id -> Text,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    access_tokens (token_hash) {
+        token_hash -> Text,
+        family_id -> Text,
+        user_id -> Text,
+        expires_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    login_challenges (id) {
+        id -> Text,
+        token_hash -> Text,
+        user_id -> Text,
+        client -> Text,
+        expires_at -> BigInt,
+        attempts -> Integer,
+        used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    recovery_codes (id) {
+        id -> Text,
+        user_id -> Text,
+        code_hash -> Text,
+        used_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    tenants (id) {
+        id -> Text,
+        slug -> Text,
+        name -> Text,
+        plan -> Text,
+        status -> Text,
+        require_two_factor -> Bool,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    roles (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        permissions -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    memberships (id) {
+        id -> Text,
+        tenant_id -> Text,
+        user_id -> Text,
+        role -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    invitations (id) {
+        id -> Text,
+        tenant_id -> Text,
+        email -> Text,
+        role -> Text,
+        token_hash -> Text,
+        invited_by -> Text,
+        expires_at -> BigInt,
+        accepted_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    api_keys (id) {
+        id -> Text,
+        tenant_id -> Text,
+        user_id -> Text,
+        prefix -> Text,
+        secret_hash -> Text,
+        scopes -> Text,
+        allowed_ips -> Text,
+        memo -> Text,
+        expires_at -> Nullable<BigInt>,
+        last_used_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    tenant_keys (tenant_id) {
+        tenant_id -> Text,
+        wrapped_key -> Text,
+        master_key_id -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    secrets (id) {
+        id -> Text,
+        tenant_id -> Text,
+        name -> Text,
+        ciphertext -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::joinable!(api_keys -> users (user_id));
+diesel::joinable!(api_keys -> tenants (tenant_id));
+diesel::joinable!(memberships -> users (user_id));
+diesel::joinable!(memberships -> tenants (tenant_id));
+diesel::joinable!(sessions -> users (user_id));
+diesel::joinable!(access_tokens -> users (user_id));
+
+diesel::table! {
+    audit_log (id) {
+        id -> Text,
+        tenant_id -> Nullable<Text>,
+        actor_type -> Text,
+        actor_id -> Nullable<Text>,
+        action -> Text,
+        resource_type -> Text,
+        resource_id -> Nullable<Text>,
+        metadata -> Text,
+        ip -> Nullable<Text>,
+        user_agent -> Nullable<Text>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    users,
+    audit_log,
+    sessions,
+    refresh_tokens,
+    access_tokens,
+    login_challenges,
+    recovery_codes,
+    tenants,
+    roles,
+    memberships,
+    invitations,
+    api_keys,
+    tenant_keys,
+    secrets
+);

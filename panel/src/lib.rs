@@ -1,0 +1,30 @@
+//! The Mamba control plane: storage, identity, tenants and the REST API.
+//!
+//! Code map: `config` (typed settings), `db` (pool, schema, migrations; every query runs on
+//! the blocking pool), `ids` (typed ids), `audit` (append-only log written in the same
+//! transaction as each change), `users`, `password` (argon2id), `pagination` (cursors),
+//! `request_meta` (client address behind trusted proxies), `metrics` and `http` (actix-web
+//! routes and the JSON error envelope in `error`).
+
+pub mod api_keys;
+pub mod audit;
+pub mod authz;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod http;
+pub mod identity;
+pub mod ids;
+pub mod keys;
+pub mod mail;
+pub mod metrics;
+pub mod openapi;
+pub mod pagination;
+pub mod password;
+pub mod permissions;
+pub mod ratelimit;
+pub mod request_meta;
+pub mod secrets;
+pub mod tenants;
+pub mod tokens;
+pub mod users;

@@ -1,0 +1,198 @@
+//! The OpenAPI 3 document, generated from the handlers' annotations (utoipa), served at
+//! `/api/v1/openapi.json`, and a docs page at `/api/v1/docs` that renders it with no
+//! network access (the page's script is inline).
+
+use utoipa::openapi::security::{
+    ApiKey as ApiKeyScheme, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::api_keys::{ApiKey, NewApiKey};
+use crate::audit::AuditEntry;
+use crate::identity::{LoginClient, TokenPair};
+use crate::pagination::Page;
+use crate::tenants::{Invitation, Member, Role, Tenant, TenantChanges};
+use crate::users::User;
+
+/// The error envelope every failure answers with.
+#[derive(ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorBodyDoc,
+}
+
+#[derive(ToSchema)]
+pub struct ErrorBodyDoc {
+    /// Stable, machine-readable, snake_case.
+    pub code: String,
+    pub message: String,
+    /// The fields at fault, for validation errors.
+    pub details: Option<Vec<FieldErrorDoc>>,
+}
+
+#[derive(ToSchema)]
+pub struct FieldErrorDoc {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(ToSchema)]
+pub struct Message {
+    pub message: String,
+}
+
+/// `status` is `ok` (with a session's `csrf_token` or an API client's `tokens`) or
+/// `two_factor_required` (with the `challenge` to answer at `/auth/login/two-factor`).
+#[derive(ToSchema)]
+pub struct LoginAnswer {
+    pub status: String,
+    pub csrf_token: Option<String>,
+    pub user: Option<User>,
+    pub tokens: Option<TokenPair>,
+    pub challenge: Option<String>,
+}
+
+#[derive(ToSchema)]
+pub struct TokensAnswer {
+    pub tokens: TokenPair,
+}
+
+#[derive(ToSchema)]
+pub struct TwoFactorSetup {
+    pub secret: String,
+    pub otpauth_uri: String,
+}
+
+#[derive(ToSchema)]
+pub struct RecoveryCodes {
+    pub recovery_codes: Vec<String>,
+}
+
+#[derive(ToSchema)]
+pub struct InvitationCreated {
+    pub invitation: Invitation,
+    /// Shown once; also sent by email.
+    pub token: String,
+}
+
+#[derive(ToSchema)]
+pub struct ApiKeyCreated {
+    pub api_key: ApiKey,
+    /// The key itself, shown once.
+    pub key: String,
+}
+
+#[derive(ToSchema)]
+pub struct RoleList {
+    pub items: Vec<Role>,
+}
+
+#[derive(ToSchema)]
+pub struct PermissionDoc {
+    pub key: String,
+    pub group: String,
+    pub description: String,
+}
+
+#[derive(ToSchema)]
+pub struct BuiltInRoleDoc {
+    pub name: String,
+    pub permissions: Vec<String>,
+}
+
+#[derive(ToSchema)]
+pub struct Catalogue {
+    pub permissions: Vec<PermissionDoc>,
+    pub built_in_roles: Vec<BuiltInRoleDoc>,
+}
+
+#[derive(ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub database: Option<String>,
+    pub redis: Option<String>,
+}
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("An access token (mat_...) or an API key (mak_...)"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKeyScheme::Cookie(ApiKeyValue::with_description(
+                "__Host-mamba_session",
+                "A browser session; state-changing requests also need X-CSRF-Token",
+            ))),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Mamba panel API", description = "The control plane's REST API. Errors are `{\"error\": {\"code\", \"message\", \"details\"?}}`; lists are cursor-paginated."),
+    paths(
+        crate::http::health::healthz,
+        crate::http::health::readyz,
+        crate::http::auth::register,
+        crate::http::auth::verify_email,
+        crate::http::auth::login,
+        crate::http::auth::login_two_factor,
+        crate::http::auth::refresh_token,
+        crate::http::auth::logout,
+        crate::http::auth::request_password_reset,
+        crate::http::auth::confirm_password_reset,
+        crate::http::account::me,
+        crate::http::account::two_factor_setup,
+        crate::http::account::two_factor_enable,
+        crate::http::account::two_factor_disable,
+        crate::http::account::admin_list_users,
+        crate::http::account::request_email_change,
+        crate::http::account::confirm_email_change,
+        crate::http::tenants::catalogue,
+        crate::http::tenants::create_tenant,
+        crate::http::tenants::my_tenants,
+        crate::http::tenants::admin_tenants,
+        crate::http::tenants::admin_update_tenant,
+        crate::http::tenants::get_tenant,
+        crate::http::tenants::update_tenant,
+        crate::http::tenants::list_members,
+        crate::http::tenants::get_member,
+        crate::http::tenants::update_member,
+        crate::http::tenants::remove_member,
+        crate::http::tenants::list_invitations,
+        crate::http::tenants::invite,
+        crate::http::tenants::revoke_invitation,
+        crate::http::tenants::accept_invitation,
+        crate::http::tenants::list_roles,
+        crate::http::tenants::create_role,
+        crate::http::tenants::delete_role,
+        crate::http::tenants::list_audit,
+        crate::http::tenants::list_keys,
+        crate::http::tenants::create_key,
+        crate::http::tenants::revoke_key,
+    ),
+    components(schemas(
+        ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
+        LoginClient, TenantChanges, Page<User>, Page<Tenant>, Page<Member>, Page<Invitation>, Page<AuditEntry>,
+        Page<ApiKey>
+    )),
+    modifiers(&Security),
+)]
+pub struct ApiDoc;
+
+/// The document, as served.
+pub fn document() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// A self-contained page listing every operation, its parameters, body and answers.
+pub const DOCS_PAGE: &str = include_str!("docs.html");
