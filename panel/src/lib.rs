@@ -3,7 +3,8 @@
 //! Code map: `config` (typed settings), `db` (pool, schema, migrations; every query runs on
 //! the blocking pool), `ids` (typed ids), `audit` (append-only log written in the same
 //! transaction as each change), `users`, `password` (argon2id), `pagination` (cursors),
-//! `request_meta` (client address behind trusted proxies), `metrics` and `http` (actix-web
+//! `request_meta` (client address behind trusted proxies), `events` (the cross-replica event
+//! bus), `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
 pub mod api_keys;
@@ -12,6 +13,7 @@ pub mod authz;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod identity;
 pub mod ids;

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use mamba_panel::audit::Actor;
 use mamba_panel::config::Config;
 use mamba_panel::db::Db;
+use mamba_panel::events::EventBus;
 use mamba_panel::http::{AppState, app};
 use mamba_panel::keys::MasterKey;
 use mamba_panel::metrics::Metrics;
@@ -111,9 +112,16 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
             .await
             .context("connecting to Redis (REDIS_URL)")?;
         tracing::info!("rate limits are kept in Redis");
+        state.events = EventBus::redis(&redis.0, &redis.1)
+            .await
+            .context("connecting to Redis for events (REDIS_URL)")?;
+        tracing::info!("panel events are shared through Redis");
     }
+    state.events.spawn_logger();
+    let metrics = Metrics::new()?;
+    metrics.register_events(state.events.metrics())?;
     let state = web::Data::new(state);
-    let metrics = web::Data::new(Metrics::new()?);
+    let metrics = web::Data::new(metrics);
     tracing::info!(%listen, "panel listening");
     HttpServer::new(move || app(state.clone(), metrics.clone()))
         .workers(workers)

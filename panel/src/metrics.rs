@@ -42,6 +42,14 @@ impl Metrics {
         })
     }
 
+    /// Adds the event bus's counters to `/metrics`.
+    pub fn register_events(&self, events: &crate::events::EventMetrics) -> Result<(), prometheus::Error> {
+        for collector in events.collectors() {
+            self.registry.register(collector)?;
+        }
+        Ok(())
+    }
+
     pub fn observe(&self, route: &str, method: &str, status: u16, seconds: f64) {
         self.requests
             .with_label_values(&[route, method, &status.to_string()])

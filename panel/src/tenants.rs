@@ -432,14 +432,14 @@ pub fn set_member_role(
     })
 }
 
-/// Removes a member (or lets one leave). Removing someone needs `member.remove` and every
-/// permission of their role; the last owner stays.
+/// Removes a member (or lets one leave) and returns whose membership it was. Removing
+/// someone needs `member.remove` and every permission of their role; the last owner stays.
 pub fn remove_member(
     conn: &mut DbConnection,
     scope: &TenantScope,
     id: &MembershipId,
     meta: &RequestMeta,
-) -> Result<(), ApiError> {
+) -> Result<UserId, ApiError> {
     conn.transaction(|conn| {
         lock_tenant(conn, scope.tenant())?;
         let member = find_member(conn, scope, id)?.ok_or_else(|| ApiError::not_found("member"))?;
@@ -465,7 +465,7 @@ pub fn remove_member(
                 metadata: json!({ "user": member.user_id }),
             },
         )?;
-        Ok(())
+        Ok(UserId::from_db(member.user_id))
     })
 }
 

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use actix_web::http::{Method, StatusCode};
 use actix_web::test;
 use common::{Answer, TestDb, send};
+use mamba_panel::events::{PanelEvent, RevokeReason};
 use mamba_panel::http::app;
 use mamba_panel::permissions::BuiltInRole;
 use serde_json::{Value, json};
@@ -634,7 +635,11 @@ async fn custom_roles_and_no_escalation(t: TestDb) {
 }
 
 async fn the_last_owner_stays(t: TestDb) {
-    let ctx = ctx!(t);
+    // Built by hand to keep a subscription to the state's event bus.
+    let state = t.state();
+    let mut events = state.events.subscribe();
+    let svc = test::init_service(app(state, common::metrics())).await;
+    let ctx = Ctx { svc, t };
     let first = user(&ctx, "first@o.test").await;
     let second = user(&ctx, "second@o.test").await;
     let tid = tenant(&ctx, &first, "owners").await;
@@ -674,6 +679,7 @@ async fn the_last_owner_stays(t: TestDb) {
         (a.status, a.body["error"]["code"].as_str()),
         (StatusCode::CONFLICT, Some("last_owner"))
     );
+    assert!(events.try_recv().is_err(), "a refused removal publishes nothing");
     let second_member = join(&ctx, &first, &tid, &second, "second@o.test", "OWNER").await;
     let a = call(
         &ctx,
@@ -684,6 +690,13 @@ async fn the_last_owner_stays(t: TestDb) {
     )
     .await;
     assert_eq!(a.status, StatusCode::NO_CONTENT, "{a:?}");
+    // Published before the answer, so it is already there.
+    match events.try_recv().unwrap() {
+        PanelEvent::AccessRevoked { tenant, reason, .. } => {
+            assert_eq!(tenant.unwrap().as_str(), tid);
+            assert_eq!(reason, RevokeReason::MemberRemoved);
+        }
+    }
     let a = call(
         &ctx,
         Method::GET,

@@ -19,6 +19,7 @@ use super::extract::{AuthVia, Authenticated, CSRF_COOKIE, SESSION_COOKIE};
 use crate::audit::{self, Actor, Event};
 use crate::db::now_ms;
 use crate::error::ApiError;
+use crate::events::{PanelEvent, RevokeReason};
 use crate::identity::{self, LoginClient, Refreshed};
 use crate::ids::UserId;
 use crate::keys::{LinkClaims, LinkPurpose};
@@ -536,6 +537,11 @@ pub(crate) async fn refresh_token(
         }
         Refreshed::Reused(user) => {
             tracing::warn!(%user, "a spent refresh token was presented again; its login is revoked");
+            state.events.publish(PanelEvent::AccessRevoked {
+                user,
+                tenant: None,
+                reason: RevokeReason::RefreshTokenReuse,
+            });
             Err(ApiError::unauthorized("the refresh token is not valid").with_code("invalid_token"))
         }
     }
@@ -676,9 +682,9 @@ pub(crate) async fn confirm_password_reset(
         .verify(&body.token, LinkPurpose::ResetPassword)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_token", e.to_string()))?;
     let hasher = state.hasher.clone();
-    state
+    let user = state
         .db
-        .run(move |conn| -> Result<(), ApiError> {
+        .run(move |conn| -> Result<UserId, ApiError> {
             use diesel::prelude::*;
 
             use crate::db::schema::users as u;
@@ -707,9 +713,15 @@ pub(crate) async fn confirm_password_reset(
                         metadata: json!({}),
                     },
                 )?;
-                Ok(())
+                Ok(id)
             })
         })
         .await?;
+    // After the commit, so no replica acts on a revocation that was rolled back.
+    state.events.publish(PanelEvent::AccessRevoked {
+        user,
+        tenant: None,
+        reason: RevokeReason::PasswordReset,
+    });
     Ok(HttpResponse::Ok().json(json!({ "message": "password changed; log in again" })))
 }

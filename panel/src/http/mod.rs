@@ -37,6 +37,8 @@ pub struct AppState {
     pub links: LinkSigner,
     pub mailer: Mailer,
     pub limiter: Limiter,
+    /// Cross-replica events; publishing never fails a request.
+    pub events: crate::events::EventBus,
     /// Seals and opens tenants' stored secrets.
     pub secrets: crate::secrets::SecretBox,
     /// Seals users' TOTP seeds at rest.
@@ -63,6 +65,7 @@ impl AppState {
             totp_sealer: crate::secrets::FieldSealer::totp(master),
             mailer: Mailer::from_config(&config.smtp)?,
             limiter: Limiter::local(),
+            events: crate::events::EventBus::local(),
             config: Arc::new(config),
             db,
         })

@@ -16,6 +16,7 @@ use crate::api_keys::{self, NewApiKey};
 use crate::audit::{self, Actor, AuditFilter};
 use crate::authz::{self, TenantScope};
 use crate::error::ApiError;
+use crate::events::{PanelEvent, RevokeReason};
 use crate::ids::{InvitationId, MembershipId, RoleId};
 use crate::mail::Mail;
 use crate::pagination::PageQuery;
@@ -256,10 +257,16 @@ pub(crate) async fn remove_member(
     let scope = scoped(&state, &auth, tenant).await?;
     let id = member_id(&member)?;
     let meta = state.meta(&req);
-    state
+    let tenant = scope.tenant().clone();
+    let user = state
         .db
         .run(move |conn| tenants::remove_member(conn, &scope, &id, &meta))
         .await?;
+    state.events.publish(PanelEvent::AccessRevoked {
+        user,
+        tenant: Some(tenant),
+        reason: RevokeReason::MemberRemoved,
+    });
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -393,12 +393,15 @@ pub fn redis_url() -> Option<String> {
 }
 
 impl TestDb {
-    /// The state with its rate limits kept in Redis.
+    /// The state with its rate limits and events kept in Redis.
     pub async fn redis_state_with(&self, config: Config, redis_url: &str) -> web::Data<AppState> {
         let mut state = AppState::new(config, self.db.clone(), &MasterKey::from_bytes([42; 32])).unwrap();
         // A namespace per test database: its replicas share counters, other tests never do.
         let namespace = format!("mamba-test:{}", self.url);
         state.limiter = mamba_panel::ratelimit::Limiter::redis(redis_url, &namespace)
+            .await
+            .unwrap();
+        state.events = mamba_panel::events::EventBus::redis(redis_url, &namespace)
             .await
             .unwrap();
         web::Data::new(state)
