@@ -121,9 +121,9 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://host:6379/0`. Empty: rate limits are kept in this process only.
+    /// `redis://host:6379/0`. Empty: rate limits and events are kept in this process only.
     pub url: String,
-    /// Prepended to every key this panel writes.
+    /// Prepended to every key and pub/sub channel this panel uses.
     pub key_prefix: String,
 }
 
