@@ -95,6 +95,89 @@ async fn two_buses_sharing_redis_hear_each_other() {
     assert_eq!(from_peers(&other), 0);
 }
 
+/// A private redis-server on a free port, for a test that stops and restarts it.
+struct OwnRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl OwnRedis {
+    fn start(port: u16) -> OwnRedis {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        common::wait_until(WAIT, "redis-server accepts connections", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        OwnRedis { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[actix_web::test]
+async fn publishing_survives_redis_going_away_and_the_bus_reconnects() {
+    // Same gate as the shared Redis: under CI this must run, not skip.
+    if common::redis_url().is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut redis = OwnRedis::start(port);
+    let a = EventBus::redis(&redis.url(), "mamba-test").await.unwrap();
+    let b = EventBus::redis(&redis.url(), "mamba-test").await.unwrap();
+    assert!(a.ready(WAIT).await && b.ready(WAIT).await);
+    let mut on_a = a.subscribe();
+    let mut on_b = b.subscribe();
+
+    redis.stop();
+    // Publishing neither fails nor waits, and this replica still hears its own event.
+    a.publish(revoked(1));
+    assert_eq!(next(&mut on_a).await, revoked(1));
+    tokio::time::timeout(WAIT, async {
+        while a.metrics().publish_failures.get() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the failed publish was never counted");
+
+    let _redis = OwnRedis::start(port);
+    // Each round publishes a fresh event until one crosses: that needs A's connection
+    // and B's subscription both back.
+    let crossed = tokio::time::timeout(Duration::from_secs(30), async {
+        for n in 2.. {
+            a.publish(revoked(n));
+            if let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), on_b.recv()).await {
+                return event;
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("the buses never reconnected");
+    assert!(matches!(crossed, PanelEvent::AccessRevoked { .. }));
+}
+
 /// Makes a verified user in the database and logs it in as an API client; returns its id
 /// and refresh token.
 async fn api_login<S, B>(t: &TestDb, svc: &S, email: &str) -> (String, String)
