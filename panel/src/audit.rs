@@ -38,6 +38,19 @@ pub struct Event<'a> {
     pub metadata: serde_json::Value,
 }
 
+impl Event<'static> {
+    /// An action on a user's own account, outside any tenant.
+    pub fn on_user(action: &'static str, user: &impl std::fmt::Display, metadata: serde_json::Value) -> Self {
+        Event {
+            tenant: None,
+            action,
+            resource_type: "user",
+            resource_id: Some(user.to_string()),
+            metadata,
+        }
+    }
+}
+
 #[derive(Insertable)]
 #[diesel(table_name = audit_log)]
 struct NewEntry {

@@ -197,13 +197,11 @@ pub fn refresh(
                 conn,
                 &Actor::System,
                 &RequestMeta::system(),
-                Event {
-                    tenant: None,
-                    action: "auth.refresh_reuse",
-                    resource_type: "user",
-                    resource_id: Some(user.to_string()),
-                    metadata: serde_json::json!({ "family": family }),
-                },
+                Event::on_user(
+                    "auth.refresh_reuse",
+                    &user,
+                    serde_json::json!({ "family": family }),
+                ),
             )?;
             return Ok(Refreshed::Reused(user));
         }
@@ -221,13 +219,7 @@ pub fn refresh(
             conn,
             &Actor::User(user.clone()),
             meta,
-            Event {
-                tenant: None,
-                action: "auth.refresh",
-                resource_type: "user",
-                resource_id: Some(user.to_string()),
-                metadata: serde_json::json!({ "family": family }),
-            },
+            Event::on_user("auth.refresh", &user, serde_json::json!({ "family": family })),
         )?;
         Ok(Refreshed::Ok(pair, user))
     })
@@ -467,13 +459,7 @@ pub fn enable_totp(
         conn,
         &Actor::User(user.clone()),
         meta,
-        Event {
-            tenant: None,
-            action: "user.two_factor_enable",
-            resource_type: "user",
-            resource_id: Some(user.to_string()),
-            metadata: serde_json::json!({}),
-        },
+        Event::on_user("user.two_factor_enable", &user, serde_json::json!({})),
     )?;
     Ok(codes)
 }
@@ -491,13 +477,7 @@ pub fn disable_totp(conn: &mut DbConnection, user: &UserId, meta: &RequestMeta) 
         conn,
         &Actor::User(user.clone()),
         meta,
-        Event {
-            tenant: None,
-            action: "user.two_factor_disable",
-            resource_type: "user",
-            resource_id: Some(user.to_string()),
-            metadata: serde_json::json!({}),
-        },
+        Event::on_user("user.two_factor_disable", &user, serde_json::json!({})),
     )?;
     Ok(())
 }

@@ -136,13 +136,11 @@ pub fn create(
             conn,
             &actor,
             meta,
-            Event {
-                tenant: None,
-                action: "user.create",
-                resource_type: "user",
-                resource_id: Some(id.to_string()),
-                metadata: serde_json::json!({ "super_admin": new.is_super_admin }),
-            },
+            Event::on_user(
+                "user.create",
+                &id,
+                serde_json::json!({ "super_admin": new.is_super_admin }),
+            ),
         )?;
         let row = users::table
             .find(id.as_str())

@@ -61,13 +61,7 @@ pub(crate) async fn two_factor_setup(
                     conn,
                     &Actor::User(id.clone()),
                     &meta,
-                    Event {
-                        tenant: None,
-                        action: "user.two_factor_setup",
-                        resource_type: "user",
-                        resource_id: Some(id.to_string()),
-                        metadata: json!({}),
-                    },
+                    Event::on_user("user.two_factor_setup", &id, json!({})),
                 )?;
                 Ok(())
             })
@@ -313,13 +307,7 @@ pub(crate) async fn confirm_email_change(
                     conn,
                     &Actor::User(id.clone()),
                     &meta,
-                    Event {
-                        tenant: None,
-                        action: "user.email_change",
-                        resource_type: "user",
-                        resource_id: Some(id.to_string()),
-                        metadata: json!({}),
-                    },
+                    Event::on_user("user.email_change", &id, json!({})),
                 )?;
                 Ok(())
             })

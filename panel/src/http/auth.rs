@@ -242,13 +242,7 @@ pub(crate) async fn verify_email(
                     conn,
                     &Actor::User(id.clone()),
                     &meta,
-                    Event {
-                        tenant: None,
-                        action: "user.verify_email",
-                        resource_type: "user",
-                        resource_id: Some(id.to_string()),
-                        metadata: json!({}),
-                    },
+                    Event::on_user("user.verify_email", &id, json!({})),
                 )?;
                 Ok(())
             })
@@ -426,13 +420,11 @@ async fn finish_login(
 }
 
 fn login_event<'a>(id: &UserId, client: &str, method: &str) -> Event<'a> {
-    Event {
-        tenant: None,
-        action: "auth.login",
-        resource_type: "user",
-        resource_id: Some(id.to_string()),
-        metadata: json!({ "client": client, "second_factor": method }),
-    }
+    Event::on_user(
+        "auth.login",
+        &id,
+        json!({ "client": client, "second_factor": method }),
+    )
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -575,13 +567,7 @@ pub(crate) async fn logout(
                     conn,
                     &Actor::User(id.clone()),
                     &meta,
-                    Event {
-                        tenant: None,
-                        action: "auth.logout",
-                        resource_type: "user",
-                        resource_id: Some(id.to_string()),
-                        metadata: json!({}),
-                    },
+                    Event::on_user("auth.logout", &id, json!({})),
                 )?;
                 Ok(())
             })
@@ -705,13 +691,7 @@ pub(crate) async fn confirm_password_reset(
                     conn,
                     &Actor::User(id.clone()),
                     &meta,
-                    Event {
-                        tenant: None,
-                        action: "user.password_reset",
-                        resource_type: "user",
-                        resource_id: Some(id.to_string()),
-                        metadata: json!({}),
-                    },
+                    Event::on_user("user.password_reset", &id, json!({})),
                 )?;
                 Ok(id)
             })
