@@ -156,13 +156,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
                 }
                 () = tokio::time::sleep_until(expiring_at.unwrap_or_else(far)), if expiring_at.is_some() => {
                     expiring_at = None;
-                    self.send(outbound::TOKEN_EXPIRING, vec![]).await;
+                    self.send(outbound::TOKEN_EXPIRING, vec![]);
                     continue;
                 }
                 () = tokio::time::sleep_until(expired_at.unwrap_or_else(far)), if expired_at.is_some() => {
                     expired_at = None;
                     self.set_claims(None);
-                    self.send(outbound::TOKEN_EXPIRED, vec![]).await;
+                    self.send(outbound::TOKEN_EXPIRED, vec![]);
                     auth_deadline = Some(Instant::now() + auth_timeout);
                     continue;
                 }
@@ -202,8 +202,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
                         self.send(
                             outbound::DAEMON_ERROR,
                             vec!["too many messages: slow down; extra messages are ignored".into()],
-                        )
-                        .await;
+                        );
                     }
                     continue;
                 }
@@ -213,8 +212,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
                 self.send(
                     outbound::DAEMON_ERROR,
                     vec!["messages are JSON: {\"event\", \"args\"}".into()],
-                )
-                .await;
+                );
                 continue;
             };
             if message.event == inbound::AUTH {
@@ -255,11 +253,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
         let claims = match self.settings.tokens.verify(token, &self.server.id) {
             Ok(claims) => claims,
             Err(TokenError::Expired) => {
-                self.send(outbound::TOKEN_EXPIRED, vec![]).await;
+                self.send(outbound::TOKEN_EXPIRED, vec![]);
                 return None;
             }
             Err(e) => {
-                self.send(outbound::JWT_ERROR, vec![e.to_string().into()]).await;
+                self.send(outbound::JWT_ERROR, vec![e.to_string().into()]);
                 return None;
             }
         };
@@ -267,14 +265,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
             self.send(
                 outbound::JWT_ERROR,
                 vec![format!("permission {} is required", permission::CONNECT).into()],
-            )
-            .await;
+            );
             return None;
         }
         let first = self.claims.is_none();
         let claims = Arc::new(claims);
         self.set_claims(Some(claims.clone()));
-        self.send(outbound::AUTH_SUCCESS, vec![]).await;
+        self.send(outbound::AUTH_SUCCESS, vec![]);
         if first {
             self.reply(Control::Replay);
         }
@@ -283,8 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
 
     async fn handle(&mut self, message: Inbound) {
         let Some(claims) = self.claims.clone() else {
-            self.send(outbound::JWT_ERROR, vec!["authenticate first".into()])
-                .await;
+            self.send(outbound::JWT_ERROR, vec!["authenticate first".into()]);
             return;
         };
         let required = match message.event.as_str() {
@@ -297,8 +293,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
                     self.send(
                         outbound::DAEMON_ERROR,
                         vec!["set state takes start, stop, restart or kill".into()],
-                    )
-                    .await;
+                    );
                     return;
                 }
             },
@@ -308,8 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
                 self.send(
                     outbound::DAEMON_ERROR,
                     vec![format!("unknown event {other:?}").into()],
-                )
-                .await;
+                );
                 return;
             }
         };
@@ -319,8 +313,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
             self.send(
                 outbound::DAEMON_ERROR,
                 vec![format!("permission denied: {required} is required").into()],
-            )
-            .await;
+            );
             return;
         }
         match message.event.as_str() {
@@ -340,16 +333,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
             self.send(
                 outbound::DAEMON_ERROR,
                 vec!["send command takes one string".into()],
-            )
-            .await;
+            );
             return;
         };
         if line.len() > MAX_COMMAND_BYTES || line.contains(['\n', '\r', '\0']) {
             self.send(
                 outbound::DAEMON_ERROR,
                 vec![format!("a command is one line of at most {MAX_COMMAND_BYTES} bytes").into()],
-            )
-            .await;
+            );
             return;
         }
         // Awaited here, before the next message is read: one socket's commands stay in order.
@@ -374,11 +365,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Reader<S> {
     /// see details.
     async fn report(&mut self, error: ServerError, claims: &Claims) {
         tracing::warn!(server.id = %self.server.id, "console request failed: {error}");
-        self.send(outbound::DAEMON_ERROR, vec![error_message(&error, claims).into()])
-            .await;
+        self.send(outbound::DAEMON_ERROR, vec![error_message(&error, claims).into()]);
     }
 
-    async fn send(&self, event: &str, args: Vec<Value>) {
+    fn send(&self, event: &str, args: Vec<Value>) {
         self.reply(Control::Send(encode(event, args)));
     }
 
