@@ -6,6 +6,8 @@
 pub mod blueprint;
 pub mod error;
 pub mod ids;
+pub mod node_api;
+pub mod pki;
 pub mod template;
 pub mod variables;
 pub mod wings_api;
