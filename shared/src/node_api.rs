@@ -71,8 +71,9 @@ pub struct CertificateResponse {
     pub node_id: String,
     pub certificate_pem: String,
     pub ca_pem: String,
-    /// Base64 of the panel's raw Ed25519 public key, which signs console and file tokens.
-    pub token_public_key: String,
+    /// The panel's Ed25519 public key (PEM, SubjectPublicKeyInfo), which signs the console
+    /// and file tokens wings checks.
+    pub token_public_key_pem: String,
     /// Unix seconds.
     pub not_after: i64,
 }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod config_files;
 pub mod docker;
 pub mod jail;
+pub mod node_identity;
 pub mod rcon;
 pub mod server;
 pub mod system;

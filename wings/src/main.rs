@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mamba_wings::api::{self, AppState};
 use mamba_wings::config::Config;
+use mamba_wings::node_identity::NodeIdentity;
 use mamba_wings::server::manager::Manager;
 use mamba_wings::system::SystemProbe;
 use mamba_wings::tokens::TokenVerifier;
@@ -36,6 +37,16 @@ enum Command {
     Serve,
     /// Check the configuration and print it with defaults filled in (the token is hidden).
     CheckConfig,
+    /// Enroll this node with the panel: trade a one-time token for a certificate, stored under
+    /// `<system.data_dir>/pki/`.
+    Enroll {
+        /// The panel's node listener, e.g. https://panel.example:8443
+        #[arg(long)]
+        panel: String,
+        /// The enrollment token the panel gave for this node (valid once, for 15 minutes).
+        #[arg(long, env = "WINGS_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,7 +66,21 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve => serve(config),
+        Command::Enroll { panel, token } => enroll(&config, &panel, &token),
     }
+}
+
+fn enroll(config: &Config, panel: &str, token: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let identity = runtime.block_on(NodeIdentity::enroll(&config.system.data_dir, panel, token))?;
+    eprintln!(
+        "enrolled as node {}; certificate and keys are in {}",
+        identity.record.node_id,
+        mamba_wings::node_identity::pki_dir(&config.system.data_dir).display()
+    );
+    Ok(())
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
@@ -69,7 +94,17 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let workers = config.api.workers;
         let max_json = config.api.max_json_bytes;
         let token = config.api.token.clone();
-        let tokens = Arc::new(TokenVerifier::new(&config.tokens, &config.system.data_dir)?);
+        let identity = NodeIdentity::load(&config.system.data_dir)?.map(Arc::new);
+        let mut token_config = config.tokens.clone();
+        if let Some(identity) = &identity {
+            tracing::info!(node = %identity.record.node_id, "enrolled with the panel");
+            // The key the panel handed over at enrollment, unless the operator names another.
+            if token_config.panel_public_key_file.is_empty() {
+                token_config.panel_public_key_file = identity.token_key_file().display().to_string();
+            }
+            identity.clone().spawn_renewal();
+        }
+        let tokens = Arc::new(TokenVerifier::new(&token_config, &config.system.data_dir)?);
         let websocket = Arc::new(SessionSettings {
             config: config.websocket.clone(),
             replay_lines: config.console.replay_lines,
