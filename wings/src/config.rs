@@ -21,6 +21,7 @@ pub struct Config {
     pub crash_guard: CrashGuardConfig,
     pub websocket: WebsocketConfig,
     pub tokens: TokensConfig,
+    pub files: FilesConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,6 +187,38 @@ impl Default for TokensConfig {
     }
 }
 
+/// What wings does when a server's files pass its disk quota from inside the container
+/// (writes through wings are refused before they pass it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverfillAction {
+    /// Stop the server the way the blueprint stops it, and report it on the console.
+    Stop,
+    /// Kill the container at once, and report it.
+    Kill,
+    /// Only report it; the server keeps running (writes through wings stay refused).
+    Report,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilesConfig {
+    /// How often each server's folder is walked to correct its disk usage, in seconds. This
+    /// is how fast a container writing past its quota from inside is noticed.
+    pub disk_check_interval_secs: u64,
+    /// What happens to a running server found over its quota.
+    pub overfill_action: OverfillAction,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            disk_check_interval_secs: 5,
+            overfill_action: OverfillAction::Stop,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CrashGuardConfig {
@@ -279,6 +312,9 @@ impl Config {
         }
         if self.crash_guard.max_attempts == 0 {
             return bad("crash_guard.max_attempts must be at least 1");
+        }
+        if !(1..=3600).contains(&self.files.disk_check_interval_secs) {
+            return bad("files.disk_check_interval_secs must be between 1 and 3600");
         }
         if self.docker.network.is_empty() {
             return bad("docker.network must not be empty");

@@ -1,6 +1,6 @@
 //! Blueprint config-file edits (properties, INI, YAML, JSON), applied before every start.
 //!
-//! Files are read and written only through the [`ServerRoot`] jail, with a size cap.
+//! Files are read and written only through [`ServerFs`], with a size cap.
 //! Properties and INI files are edited line by line so comments and order survive.
 
 use std::collections::BTreeMap;
@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use mamba_shared::blueprint::{ConfigFileEdit, ConfigFormat};
 use mamba_shared::template;
 
-use crate::jail::{JailError, ServerRoot};
+use crate::files::{FsError, ServerFs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EditError {
     #[error(transparent)]
-    Jail(#[from] JailError),
+    Files(#[from] FsError),
     #[error("{path}: not valid UTF-8")]
     Encoding { path: String },
     #[error("{path}: cannot parse as {format}: {message}")]
@@ -27,7 +27,7 @@ pub enum EditError {
 }
 
 pub fn apply(
-    root: &ServerRoot,
+    root: &ServerFs,
     edit: &ConfigFileEdit,
     values: &BTreeMap<String, String>,
     limit: u64,
@@ -36,7 +36,7 @@ pub fn apply(
         Ok(bytes) => Some(String::from_utf8(bytes).map_err(|_| EditError::Encoding {
             path: edit.path.clone(),
         })?),
-        Err(JailError::NotFound(_)) if edit.create => None,
+        Err(FsError::NotFound(_)) if edit.create => None,
         Err(e) => return Err(e.into()),
     };
     let text = existing.unwrap_or_default();

@@ -4,7 +4,7 @@ pub mod api;
 pub mod config;
 pub mod config_files;
 pub mod docker;
-pub mod jail;
+pub mod files;
 pub mod node_identity;
 pub mod rcon;
 pub mod server;

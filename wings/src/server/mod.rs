@@ -36,7 +36,7 @@ use self::spec::ServerSpec;
 use self::store::{Desired, ServerRecord};
 use crate::config::Config;
 use crate::docker::{DockerClient, DockerError, ExitStatus};
-use crate::jail::ServerRoot;
+use crate::files::ServerFs;
 use crate::rcon::{RconClient, RconError};
 
 /// What every server shares: configuration and the Docker client.
@@ -104,6 +104,7 @@ pub struct Server {
     running_regex: Regex,
     state_dir: PathBuf,
     root_dir: PathBuf,
+    files: ServerFs,
     /// Open console sockets, limited by `websocket.max_sockets_per_server`.
     pub sockets: AtomicUsize,
     /// Cancelled when the server is deleted, so sockets and samplers let go of it.
@@ -135,6 +136,8 @@ impl Server {
             .map_err(|e| format!("running.console_regex: {e}"))?;
         let state_dir = ctx.servers_dir().join(id.as_str());
         let root_dir = ctx.volumes_dir().join(id.as_str());
+        let files = open_files(&ctx, &root_dir, &record.spec)
+            .map_err(|e| format!("cannot open the server folder {}: {e}", root_dir.display()))?;
         let console = Console::open(
             &state_dir,
             ConsoleLimits {
@@ -162,13 +165,84 @@ impl Server {
             running_regex,
             state_dir,
             root_dir,
+            files,
             sockets: AtomicUsize::new(0),
             deleted: tokio_util::sync::CancellationToken::new(),
             stats: stats::Stats::default(),
             rcon: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(server.clone().actor(rx));
+        tokio::spawn(Server::watch_disk(Arc::downgrade(&server)));
         Ok(server)
+    }
+
+    /// The server's files: every file operation on its folder goes through this.
+    pub fn files(&self) -> &ServerFs {
+        &self.files
+    }
+
+    /// Walks the server's folder every `files.disk_check_interval_secs` to correct its disk
+    /// usage, and handles a running server found over its quota as `files.overfill_action`
+    /// says. Ends when the server is deleted.
+    async fn watch_disk(server: std::sync::Weak<Server>) {
+        let (interval, deleted) = match server.upgrade() {
+            Some(s) => (
+                Duration::from_secs(s.ctx.config.files.disk_check_interval_secs),
+                s.deleted.clone(),
+            ),
+            None => return,
+        };
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = deleted.cancelled() => return,
+            }
+            let Some(server) = server.upgrade() else { return };
+            let files = server.files.clone();
+            let counted = tokio::task::spawn_blocking(move || files.recount()).await;
+            match counted {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(server.id = %server.id, "cannot count the server's disk usage: {e}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(server.id = %server.id, "disk count task failed: {e}");
+                    continue;
+                }
+            }
+            if server.files.over_quota() && server.state().is_up() {
+                server.on_overfill();
+            }
+        }
+    }
+
+    fn on_overfill(self: &Arc<Self>) {
+        use crate::config::OverfillAction;
+        let (used, limit) = (self.files.used_bytes(), self.files.limit_bytes());
+        let action = self.ctx.config.files.overfill_action;
+        let what = match action {
+            OverfillAction::Stop => "stopping the server",
+            OverfillAction::Kill => "killing the server",
+            OverfillAction::Report => "writes through wings are refused",
+        };
+        // Reported once per run: a stop in progress is not queued again.
+        if self.expecting_exit.load(Ordering::SeqCst) && action != OverfillAction::Report {
+            return;
+        }
+        let message = format!("Disk quota exceeded: {used} bytes used of {limit}; {what}");
+        tracing::warn!(server.id = %self.id, used, limit, "disk quota exceeded from inside the container; {what}");
+        self.console.daemon(&message);
+        let result = match action {
+            OverfillAction::Stop => self.power(PowerAction::Stop),
+            OverfillAction::Kill => self.power(PowerAction::Kill),
+            OverfillAction::Report => return,
+        };
+        if let Err(e) = result {
+            tracing::warn!(server.id = %self.id, "cannot stop the server over its disk quota: {e}");
+        }
     }
 
     pub fn state(&self) -> ServerState {
@@ -587,6 +661,13 @@ impl Server {
         if self.with_record(|r| r.install.status) != InstallStatus::Installed {
             return Err(ServerError::Conflict("the server is not installed".into()));
         }
+        if self.files.over_quota() {
+            return Err(ServerError::Conflict(format!(
+                "the server's files use {} bytes, more than its disk quota of {}",
+                self.files.used_bytes(),
+                self.files.limit_bytes()
+            )));
+        }
         self.expecting_exit.store(false, Ordering::SeqCst);
         self.with_record(|r| {
             r.desired = Desired::Running;
@@ -805,12 +886,10 @@ impl Server {
         if spec.blueprint.config_files.is_empty() {
             return Ok(());
         }
-        let root_dir = self.root_dir.clone();
+        let root = self.files.trusted();
         let config = self.ctx.config.system.clone();
         let spec = spec.clone();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let root = ServerRoot::open(&root_dir, config.container_uid, config.container_gid)
-                .map_err(|e| format!("cannot open the server folder: {e}"))?;
             let values = spec.values(&config.timezone);
             for edit in &spec.blueprint.config_files {
                 crate::config_files::apply(&root, edit, &values, config.max_config_file_bytes)
@@ -1041,6 +1120,26 @@ impl Server {
         .await
         .map_err(|e| e.to_string())?
     }
+}
+
+/// Opens the server's folder (making it if it went missing) for [`ServerFs`].
+fn open_files(ctx: &Context, root_dir: &std::path::Path, spec: &ServerSpec) -> std::io::Result<ServerFs> {
+    let system = &ctx.config.system;
+    if !root_dir.exists() {
+        std::fs::create_dir_all(root_dir)?;
+        rustix::fs::chown(
+            root_dir,
+            Some(rustix::fs::Uid::from_raw(system.container_uid)),
+            Some(rustix::fs::Gid::from_raw(system.container_gid)),
+        )?;
+    }
+    ServerFs::open_root(
+        root_dir,
+        system.container_uid,
+        system.container_gid,
+        spec.limits.disk_mb.saturating_mul(1024 * 1024),
+        &spec.blueprint.file_denylist,
+    )
 }
 
 /// A fresh record for a new server.

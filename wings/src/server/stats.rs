@@ -2,7 +2,6 @@
 //! console socket, or a `GET /resources` request. The sampler stops a while after the last
 //! watcher leaves, so idle servers cost the engine nothing.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,14 +15,11 @@ use crate::docker::ResourceSample;
 
 /// How long the sampler outlives its last watcher, so a page reload does not restart it.
 const LINGER: Duration = Duration::from_secs(30);
-/// Walking a server's folder is not free; its size is refreshed at most this often.
-const DISK_REFRESH: Duration = Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Stats {
     tx: watch::Sender<Option<ResourceStats>>,
     sampling: AtomicBool,
-    disk: std::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 impl Default for Stats {
@@ -31,7 +27,6 @@ impl Default for Stats {
         Stats {
             tx: watch::channel(None).0,
             sampling: AtomicBool::new(false),
-            disk: std::sync::Mutex::new(None),
         }
     }
 }
@@ -164,39 +159,9 @@ impl Server {
         }
     }
 
-    /// The size of the server's files, refreshed at most every `DISK_REFRESH`.
+    /// The size of the server's files, as the quota counts them (kept current by every write
+    /// through wings and by the periodic disk check).
     async fn disk_bytes(&self) -> u64 {
-        let cached = *self.stats.disk.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, bytes)) = cached
-            && at.elapsed() < DISK_REFRESH
-        {
-            return bytes;
-        }
-        let root = self.root_dir.clone();
-        let bytes = tokio::task::spawn_blocking(move || folder_size(&root))
-            .await
-            .unwrap_or(0);
-        *self.stats.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), bytes));
-        bytes
+        self.files().used_bytes()
     }
-}
-
-/// Bytes used by the files under `root`, never following symlinks.
-fn folder_size(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut pending: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.len();
-            }
-        }
-    }
-    total
 }
