@@ -78,3 +78,19 @@ id_type!(
     /// A pending invitation to join a tenant.
     InvitationId
 );
+id_type!(
+    /// A host running wings.
+    NodeId
+);
+id_type!(
+    /// One address pool of a node.
+    PoolId
+);
+id_type!(
+    /// One (ip, port) held by a server.
+    AllocationId
+);
+id_type!(
+    /// A game server, as the panel knows it. A UUID, so it is also a valid wings server id.
+    ServerId
+);

@@ -7,11 +7,13 @@
 //! bus), `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
+pub mod allocation;
 pub mod api_keys;
 pub mod audit;
 pub mod authz;
 pub mod config;
 pub mod db;
+pub mod eggs;
 pub mod error;
 pub mod events;
 pub mod http;
@@ -20,6 +22,7 @@ pub mod ids;
 pub mod keys;
 pub mod mail;
 pub mod metrics;
+pub mod nodes;
 pub mod openapi;
 pub mod pagination;
 pub mod password;
@@ -27,6 +30,7 @@ pub mod permissions;
 pub mod ratelimit;
 pub mod request_meta;
 pub mod secrets;
+pub mod servers;
 pub mod tenants;
 pub mod tokens;
 pub mod users;

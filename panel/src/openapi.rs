@@ -179,11 +179,25 @@ impl Modify for Security {
         crate::http::tenants::list_keys,
         crate::http::tenants::create_key,
         crate::http::tenants::revoke_key,
+        crate::http::nodes::create_node,
+        crate::http::nodes::list_nodes,
+        crate::http::nodes::get_node,
+        crate::http::nodes::update_node,
+        crate::http::nodes::decommission_node,
+        crate::http::nodes::delete_node,
+        crate::http::nodes::list_pools,
+        crate::http::nodes::add_pools,
+        crate::http::nodes::delete_pool,
+        crate::http::nodes::list_allocations,
+        crate::http::nodes::scan_leaks,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
         LoginClient, TenantChanges, Page<User>, Page<Tenant>, Page<Member>, Page<Invitation>, Page<AuditEntry>,
-        Page<ApiKey>
+        Page<ApiKey>, crate::nodes::Node, crate::nodes::NodeDetail, crate::nodes::Resources,
+        crate::nodes::NewNode, crate::nodes::NodeChanges, crate::nodes::Decommissioned, Page<crate::nodes::Node>,
+        crate::allocation::Pool, crate::allocation::NewPools, crate::allocation::Strategy, crate::allocation::Allocation,
+        crate::allocation::LeakReport, Page<crate::allocation::Allocation>
     )),
     modifiers(&Security),
 )]

@@ -607,6 +607,7 @@ impl VariableRules {
             match self.kind {
                 VariableType::String => "string",
                 VariableType::Integer => "integer",
+                VariableType::Number => "number",
                 VariableType::Boolean => "boolean",
             }
             .to_string(),

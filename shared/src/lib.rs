@@ -8,6 +8,7 @@ pub mod error;
 pub mod ids;
 pub mod node_api;
 pub mod pki;
+pub mod rules;
 pub mod template;
 pub mod variables;
 pub mod wings_api;

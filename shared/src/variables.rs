@@ -1,7 +1,7 @@
 //! Validation rules for blueprint variables.
 //!
-//! Rules are structured data rather than Laravel-style strings; the egg importer (panel)
-//! translates `required|string|max:20` into these.
+//! Rules are structured data rather than Laravel-style strings; [`crate::rules`] translates
+//! the strings eggs carry (`required|string|max:20`) into these.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,8 @@ pub enum VariableType {
     #[default]
     String,
     Integer,
+    /// Any decimal number (Laravel's `numeric`); min and max bound its value.
+    Number,
     Boolean,
 }
 
@@ -87,6 +89,21 @@ impl VariableRules {
                     return Err(format!("must be at least {min}"));
                 }
                 if let Some(max) = self.max.filter(|&m| n > m) {
+                    return Err(format!("must be at most {max}"));
+                }
+            }
+            VariableType::Number => {
+                let n: f64 = value
+                    .parse()
+                    .ok()
+                    .filter(|n: &f64| n.is_finite())
+                    .ok_or_else(|| "must be a number".to_string())?;
+                #[allow(clippy::cast_precision_loss)]
+                if let Some(min) = self.min.filter(|&m| n < m as f64) {
+                    return Err(format!("must be at least {min}"));
+                }
+                #[allow(clippy::cast_precision_loss)]
+                if let Some(max) = self.max.filter(|&m| n > m as f64) {
                     return Err(format!("must be at most {max}"));
                 }
             }

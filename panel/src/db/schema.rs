@@ -196,3 +196,76 @@ diesel::allow_tables_to_appear_in_same_query!(
     tenant_keys,
     secrets
 );
+
+diesel::table! {
+    nodes (id) {
+        id -> Text,
+        name -> Text,
+        fqdn -> Text,
+        location -> Text,
+        cpu_percent -> BigInt,
+        memory_mb -> BigInt,
+        disk_mb -> BigInt,
+        overallocation_percent -> BigInt,
+        is_public -> Bool,
+        maintenance -> Bool,
+        status -> Text,
+        reservation_seq -> BigInt,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        decommissioned_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    allocation_pools (id) {
+        id -> Text,
+        node_id -> Text,
+        ips -> Text,
+        port_start -> Integer,
+        port_end -> Integer,
+        protocols -> Text,
+        strategy -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    servers (id) {
+        id -> Text,
+        tenant_id -> Text,
+        node_id -> Text,
+        name -> Text,
+        blueprint -> Text,
+        memory_mb -> BigInt,
+        cpu_percent -> BigInt,
+        disk_mb -> BigInt,
+        variables -> Text,
+        status -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    allocations (id) {
+        id -> Text,
+        node_id -> Text,
+        pool_id -> Text,
+        ip -> Text,
+        port -> Integer,
+        protocols -> Text,
+        server_id -> Text,
+        tenant_id -> Text,
+        is_primary -> Bool,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(allocation_pools -> nodes (node_id));
+diesel::joinable!(servers -> nodes (node_id));
+diesel::joinable!(servers -> tenants (tenant_id));
+diesel::joinable!(allocations -> nodes (node_id));
+diesel::joinable!(allocations -> allocation_pools (pool_id));
+
+diesel::allow_tables_to_appear_in_same_query!(nodes, allocation_pools, servers, allocations, tenants);

@@ -7,6 +7,7 @@ pub(crate) mod account;
 pub mod auth;
 pub mod extract;
 pub(crate) mod health;
+pub(crate) mod nodes;
 pub(crate) mod tenants;
 
 use std::sync::Arc;
@@ -113,7 +114,8 @@ pub fn app(
             web::scope("/api/v1")
                 .configure(auth::configure)
                 .configure(account::configure)
-                .configure(tenants::configure),
+                .configure(tenants::configure)
+                .configure(nodes::configure),
         )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
