@@ -269,3 +269,72 @@ pub struct DeniedToken {
     /// The token's `exp` (Unix seconds); the entry is forgotten after it.
     pub expires_at: u64,
 }
+
+/// Where a backup is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupAdapter {
+    /// A folder on the node (`backups.local_dir`).
+    Local,
+    /// An S3-compatible bucket (`[backups.s3]`).
+    S3,
+}
+
+/// `POST /api/servers/{id}/backups`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBackupRequest {
+    /// The panel's id for the backup: 1 to 64 of `A-Z a-z 0-9 - _`.
+    pub id: String,
+    pub adapter: BackupAdapter,
+    /// Gitignore-style patterns, relative to the server root.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Base64 of a 32-byte key: the archive is then encrypted (AES-256-GCM). Wings never
+    /// stores the key; the same key must be given to restore.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
+}
+
+/// `POST /api/servers/{id}/backups/{backup}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBackupRequest {
+    /// Empty the server root before extracting.
+    #[serde(default)]
+    pub truncate: bool,
+    /// Required when the backup is encrypted.
+    #[serde(default)]
+    pub encryption_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    Running,
+    /// Uploaded and verified; `size` and `sha256` are set.
+    Complete,
+    /// Failed, cancelled, or interrupted by a wings restart; nothing is left in the store.
+    Failed,
+}
+
+/// A backup as wings reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupView {
+    pub id: String,
+    pub server: ServerId,
+    pub adapter: BackupAdapter,
+    pub state: BackupState,
+    /// Size of the stored archive, in bytes.
+    pub size: Option<u64>,
+    /// SHA-256 (hex) of the stored archive.
+    pub sha256: Option<String>,
+    pub encrypted: bool,
+    /// Files and bytes of file content archived so far.
+    pub files: u64,
+    pub content_bytes: u64,
+    pub ignore: Vec<String>,
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub error: Option<String>,
+}

@@ -22,6 +22,7 @@ pub struct Config {
     pub websocket: WebsocketConfig,
     pub tokens: TokensConfig,
     pub files: FilesConfig,
+    pub backups: BackupsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +222,81 @@ impl Default for FilesConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct BackupsConfig {
+    /// Folder of the "local" adapter's archives. Empty means `<system.data_dir>/backup-archives`.
+    pub local_dir: String,
+    /// Backups and restores running at once on this node; more are refused with 429.
+    pub max_concurrent: usize,
+    /// zstd level, 1 (fastest) to 19.
+    pub compression_level: i32,
+    /// zstd worker threads per backup; 0 means one per CPU.
+    pub compression_threads: u32,
+    /// Size of each uploaded part, in MiB (S3 needs at least 5).
+    pub part_size_mb: u64,
+    /// Parts of one backup uploaded at once.
+    pub upload_concurrency: usize,
+    /// How often a running backup or restore reports progress to console sockets, in ms.
+    pub progress_interval_ms: u64,
+    pub s3: S3Config,
+}
+
+impl Default for BackupsConfig {
+    fn default() -> Self {
+        BackupsConfig {
+            local_dir: String::new(),
+            max_concurrent: 2,
+            compression_level: 3,
+            compression_threads: 0,
+            part_size_mb: 16,
+            upload_concurrency: 4,
+            progress_interval_ms: 1000,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+impl BackupsConfig {
+    pub fn local_dir(&self, data_dir: &Path) -> PathBuf {
+        if self.local_dir.is_empty() {
+            data_dir.join("backup-archives")
+        } else {
+            PathBuf::from(&self.local_dir)
+        }
+    }
+}
+
+/// The "s3" adapter's bucket. Unset (empty bucket) refuses S3 backups.
+#[derive(Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint URL for S3-compatible stores (MinIO, Garage, R2...). Empty means AWS.
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    /// Better set through `WINGS_BACKUPS__S3__SECRET_ACCESS_KEY` than in the file.
+    pub secret_access_key: String,
+    /// Prepended to every object name (`<prefix><server>/<backup>.tar.zst`).
+    pub prefix: String,
+    /// Allow a plain `http://` endpoint (for a store on the same host or in tests).
+    pub allow_http: bool,
+    /// Address buckets as `<bucket>.<endpoint>` rather than `<endpoint>/<bucket>`.
+    pub virtual_hosted_style: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CrashGuardConfig {
     /// Restart servers that exit without being asked to.
     pub enabled: bool,
@@ -318,6 +394,24 @@ impl Config {
         }
         if self.docker.network.is_empty() {
             return bad("docker.network must not be empty");
+        }
+        let b = &self.backups;
+        if b.max_concurrent == 0 || b.upload_concurrency == 0 || b.progress_interval_ms == 0 {
+            return bad(
+                "backups.max_concurrent, upload_concurrency and progress_interval_ms must be at least 1",
+            );
+        }
+        if !(1..=19).contains(&b.compression_level) {
+            return bad("backups.compression_level must be between 1 and 19");
+        }
+        if !(5..=1024).contains(&b.part_size_mb) {
+            return bad("backups.part_size_mb must be between 5 and 1024");
+        }
+        if !b.local_dir.is_empty() && !Path::new(&b.local_dir).is_absolute() {
+            return bad("backups.local_dir must be an absolute path");
+        }
+        if !b.s3.bucket.is_empty() && b.s3.region.is_empty() {
+            return bad("backups.s3.region must be set with backups.s3.bucket");
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The Mamba node daemon. See ARCHITECTURE.md for the map.
 
 pub mod api;
+pub mod backups;
 pub mod config;
 pub mod config_files;
 pub mod docker;

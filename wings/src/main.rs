@@ -62,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig => {
             let mut shown = config.clone();
             shown.api.token = "<hidden>".into();
+            if !shown.backups.s3.secret_access_key.is_empty() {
+                shown.backups.s3.secret_access_key = "<hidden>".into();
+            }
             eprint!("{}", toml::to_string_pretty(&shown)?);
             Ok(())
         }

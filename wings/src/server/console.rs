@@ -39,6 +39,12 @@ pub enum ConsoleEvent {
     },
     /// The flood gate dropped this many lines since the last notice.
     Dropped(u64),
+    /// A backup or restore event (`backup progress`, `backup completed`, `backup restore
+    /// completed`) with its JSON argument; sockets show it to holders of `backup.read`.
+    Backup {
+        event: &'static str,
+        data: Arc<serde_json::Value>,
+    },
 }
 
 #[derive(Debug)]
@@ -209,6 +215,11 @@ impl Console {
     }
 
     pub fn install_event(&self, event: ConsoleEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Sends an event to live sockets only (not to the scrollback or the log).
+    pub fn broadcast(&self, event: ConsoleEvent) {
         let _ = self.events.send(event);
     }
 

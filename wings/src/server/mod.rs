@@ -76,7 +76,12 @@ enum Job {
     Install { reinstall: bool },
     Exited { generation: u64, status: ExitStatus },
     Delete(oneshot::Sender<Result<(), String>>),
+    WhileStopped(StoppedWork, oneshot::Sender<Result<(), String>>),
 }
+
+/// Work on a server's files that needs the game stopped (a restore). It runs as a job in the
+/// actor's queue, so no power action interleaves with it.
+pub type StoppedWork = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 /// The container run the server is on, so a stop can wait for exactly its exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +484,18 @@ impl Server {
         rx.await.unwrap_or_else(|_| Err("the server's task ended".into()))
     }
 
+    /// Stops the server if it is up, runs `work`, then starts the server again if it was up.
+    pub async fn while_stopped(&self, work: StoppedWork) -> Result<(), String> {
+        if self.with_record(|r| r.install.status) == InstallStatus::Installing {
+            return Err("the server is installing".into());
+        }
+        let (tx, rx) = oneshot::channel();
+        if !self.enqueue(Job::WhileStopped(work, tx)) {
+            return Err("the server is being deleted".into());
+        }
+        rx.await.unwrap_or_else(|_| Err("the server's task ended".into()))
+    }
+
     pub fn install_log(&self) -> String {
         std::fs::read_to_string(self.state_dir.join("install.log")).unwrap_or_default()
     }
@@ -571,6 +588,18 @@ impl Server {
                     {
                         restart_at = Some(at);
                     }
+                }
+                Job::WhileStopped(work, reply) => {
+                    let was_up = self.state().is_up();
+                    let result = match if was_up { self.stop(false).await } else { Ok(()) } {
+                        Ok(()) => work.await,
+                        Err(e) => Err(format!("cannot stop the server: {e}")),
+                    };
+                    if was_up && let Err(e) = self.start().await {
+                        self.fail(format!("Start after the restore failed: {e}"));
+                        self.set_state(ServerState::Offline);
+                    }
+                    let _ = reply.send(result);
                 }
                 Job::Delete(reply) => {
                     let result = self.destroy().await;

@@ -48,6 +48,12 @@ pub mod outbound {
     pub const DAEMON_MESSAGE: &str = "daemon message";
     pub const DAEMON_ERROR: &str = "daemon error";
     pub const THROTTLED: &str = "throttled";
+    /// `{"backup", "operation": "backup"|"restore", "files", "bytes", "total_bytes"}`.
+    pub const BACKUP_PROGRESS: &str = "backup progress";
+    /// `{"backup", "successful", "checksum", "checksum_type", "size", "error"}`.
+    pub const BACKUP_COMPLETED: &str = "backup completed";
+    /// `{"backup", "successful", "error"}`.
+    pub const BACKUP_RESTORE_COMPLETED: &str = "backup restore completed";
 }
 
 /// The permissions events need, named as the panel names them.
@@ -59,6 +65,7 @@ pub mod permission {
     pub const RESTART: &str = "control.restart";
     pub const INSTALL_OUTPUT: &str = "admin.websocket.install";
     pub const ERROR_DETAILS: &str = "admin.websocket.errors";
+    pub const BACKUP_READ: &str = "backup.read";
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

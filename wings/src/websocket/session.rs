@@ -584,6 +584,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Writer<S> {
             Ok(ConsoleEvent::Dropped(n)) | Err(broadcast::error::RecvError::Lagged(n)) => {
                 encode(outbound::THROTTLED, vec![n.into()])
             }
+            Ok(ConsoleEvent::Backup { event, data }) => {
+                if !claims.is_some_and(|c| c.can(permission::BACKUP_READ)) {
+                    return EventFrame::Skip;
+                }
+                encode(event, vec![(*data).clone()])
+            }
             Err(broadcast::error::RecvError::Closed) => return EventFrame::Closed,
         };
         EventFrame::Send(text)
