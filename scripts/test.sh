@@ -19,11 +19,16 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-step "python test clients (websockets, rcon)"
+step "python test clients (websockets, rcon) and the S3 server (moto, boto3)"
 # Real clients in another process: the console socket's and an independent RCON client.
 python3 -c 'import websockets, rcon' 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     'websockets>=14,<18' 'rcon>=2.4,<3'
+# The backup tests start moto's S3 server (python3 -m moto.server) and check what wings
+# stored with boto3, an S3 client independent of wings'.
+python3 -c 'import moto.server, boto3, flask_cors' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    'moto[server]>=5,<6' 'boto3>=1.34,<2'
 
 # --- panel services (PostgreSQL, and the tools the panel's tests use) ---------------------
 step "panel services"

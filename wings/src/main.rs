@@ -50,6 +50,8 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // ring is the process-wide TLS provider; reqwest (S3 backups) relies on it being set.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if cli.log_json {

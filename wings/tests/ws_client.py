@@ -42,10 +42,13 @@ def matches(message, want):
     if "contains" in want and not (isinstance(first, str) and want["contains"] in first):
         return False
     if "json" in want:
-        try:
-            parsed = json.loads(first)
-        except (TypeError, ValueError):
-            return False
+        if isinstance(first, dict):
+            parsed = first
+        else:
+            try:
+                parsed = json.loads(first)
+            except (TypeError, ValueError):
+                return False
         for key, value in want["json"].items():
             if parsed.get(key) != value:
                 return False

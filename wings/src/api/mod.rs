@@ -4,6 +4,7 @@
 //! API boundary: handlers parse and check input, then hand the work to the server actors on
 //! the main runtime. They never talk to Docker themselves.
 
+pub mod backups;
 pub mod error;
 
 use std::future::Future;
@@ -90,7 +91,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
             .route("/servers/{id}/commands", web::post().to(commands))
             .route("/servers/{id}/logs", web::get().to(logs))
             .route("/servers/{id}/reinstall", web::post().to(reinstall))
-            .route("/servers/{id}/install-logs", web::get().to(install_logs)),
+            .route("/servers/{id}/install-logs", web::get().to(install_logs))
+            .configure(backups::routes),
     )
     .default_service(web::to(|req: HttpRequest| async move {
         Err::<HttpResponse, _>(ApiError::new(

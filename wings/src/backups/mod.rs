@@ -3,5 +3,8 @@
 
 pub mod crypto;
 pub mod format;
+pub mod pipeline;
 pub mod record;
+pub mod service;
 pub mod store;
+pub mod tree;

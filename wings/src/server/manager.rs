@@ -12,6 +12,7 @@ use mamba_shared::wings_api::{Allocation, CreateServerRequest, Limits};
 
 use super::spec::ServerSpec;
 use super::{Context, Job, Server, new_record, store};
+use crate::backups::service::Backups;
 use crate::config::Config;
 use crate::docker::{ContainerKind, DockerClient};
 
@@ -38,6 +39,7 @@ pub struct Manager {
     /// Serialises the last checks and the insert of a create, so two creates cannot take the
     /// same id or port.
     create_lock: tokio::sync::Mutex<()>,
+    backups: Arc<Backups>,
 }
 
 fn field(field: impl Into<String>, message: impl Into<String>) -> FieldError {
@@ -59,10 +61,13 @@ impl Manager {
         for dir in [ctx.servers_dir(), ctx.volumes_dir()] {
             std::fs::create_dir_all(&dir)?;
         }
+        // Sweeps backups a previous run left unfinished before anything new starts.
+        let backups = Backups::open(&ctx.config.backups, &ctx.config.system.data_dir).await?;
         let manager = Arc::new(Manager {
             ctx: ctx.clone(),
             servers: RwLock::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
+            backups,
         });
         manager.recover().await?;
         Ok(manager)
@@ -121,6 +126,10 @@ impl Manager {
 
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
+    }
+
+    pub fn backups(&self) -> &Arc<Backups> {
+        &self.backups
     }
 
     pub fn get(&self, id: &ServerId) -> Option<Arc<Server>> {
@@ -251,7 +260,11 @@ impl Manager {
         let server = self.write_servers().remove(id)?;
         let result = server.delete().await;
         match &result {
-            Ok(()) => tracing::info!(server.id = %id, "server deleted"),
+            Ok(()) => {
+                tracing::info!(server.id = %id, "server deleted");
+                // Its backups go with it (running ones are cancelled and their uploads aborted).
+                self.backups.delete_all(id).await;
+            }
             // Still known, so the delete can be retried and nothing is left behind unseen.
             Err(e) => {
                 tracing::error!(server.id = %id, "delete failed: {e}");
