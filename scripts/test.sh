@@ -30,6 +30,9 @@ python3 -c 'import moto.server, boto3, flask_cors' 2>/dev/null \
   || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     'moto[server]>=5,<6' 'boto3>=1.34,<2'
 
+step "SFTP clients (OpenSSH sftp and sshd, sshfs, paramiko)"
+bash scripts/sftp-tools.sh
+
 # --- panel services (PostgreSQL, and the tools the panel's tests use) ---------------------
 step "panel services"
 # shellcheck source=scripts/panel-services.sh

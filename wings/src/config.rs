@@ -23,6 +23,7 @@ pub struct Config {
     pub tokens: TokensConfig,
     pub files: FilesConfig,
     pub backups: BackupsConfig,
+    pub sftp: SftpConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -297,6 +298,57 @@ impl std::fmt::Debug for S3Config {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct SftpConfig {
+    /// Serve SFTP at all.
+    pub enabled: bool,
+    /// Address the SFTP server listens on.
+    pub listen: SocketAddr,
+    /// The server's Ed25519 host key (OpenSSH format). Empty means `<data_dir>/sftp/host_ed25519`;
+    /// a missing file is generated on first start with mode 0600.
+    pub host_key_file: String,
+    /// The static credential file (TOML) that vouches for logins until the panel does. Empty
+    /// refuses every login.
+    pub credentials_file: String,
+    /// Connections open at once, and from one IP address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// A connection must log in within this many seconds.
+    pub login_timeout_secs: u64,
+    /// Authentication attempts allowed on one connection.
+    pub max_auth_attempts: usize,
+    /// Failed logins allowed per window from one IP address, and for one user name; past them
+    /// the address (every method) or the user name (passwords) is refused until the window ends.
+    pub failed_logins_per_ip: u32,
+    pub failed_logins_per_user: u32,
+    pub failed_login_window_secs: u64,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_secs: u64,
+    /// SFTP requests of one session processed at once (reads and writes run concurrently).
+    pub requests_in_flight: usize,
+}
+
+impl Default for SftpConfig {
+    fn default() -> Self {
+        SftpConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 2022)),
+            host_key_file: String::new(),
+            credentials_file: String::new(),
+            max_connections: 512,
+            max_connections_per_ip: 32,
+            login_timeout_secs: 30,
+            max_auth_attempts: 6,
+            failed_logins_per_ip: 20,
+            failed_logins_per_user: 10,
+            failed_login_window_secs: 300,
+            idle_timeout_secs: 900,
+            requests_in_flight: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CrashGuardConfig {
     /// Restart servers that exit without being asked to.
     pub enabled: bool,
@@ -391,6 +443,21 @@ impl Config {
         }
         if !(1..=3600).contains(&self.files.disk_check_interval_secs) {
             return bad("files.disk_check_interval_secs must be between 1 and 3600");
+        }
+        let sftp = &self.sftp;
+        if sftp.max_connections == 0
+            || sftp.max_connections_per_ip == 0
+            || sftp.max_auth_attempts == 0
+            || sftp.failed_logins_per_ip == 0
+            || sftp.failed_logins_per_user == 0
+            || sftp.failed_login_window_secs == 0
+            || sftp.login_timeout_secs == 0
+            || sftp.idle_timeout_secs == 0
+            || sftp.requests_in_flight == 0
+        {
+            return bad(
+                "sftp limits (connections, attempts, failed logins, windows, timeouts, requests_in_flight) must be at least 1",
+            );
         }
         if self.docker.network.is_empty() {
             return bad("docker.network must not be empty");

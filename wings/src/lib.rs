@@ -9,6 +9,7 @@ pub mod files;
 pub mod node_identity;
 pub mod rcon;
 pub mod server;
+pub mod sftp;
 pub mod system;
 pub mod tokens;
 pub mod websocket;

@@ -1,5 +1,6 @@
 //! `wings`: the Mamba node daemon.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -10,6 +11,8 @@ use mamba_wings::api::{self, AppState};
 use mamba_wings::config::Config;
 use mamba_wings::node_identity::NodeIdentity;
 use mamba_wings::server::manager::Manager;
+use mamba_wings::sftp::auth::{StaticCredentials, hash_password};
+use mamba_wings::sftp::{SftpContext, SftpServer, host_key_path};
 use mamba_wings::system::SystemProbe;
 use mamba_wings::tokens::TokenVerifier;
 use mamba_wings::websocket::SessionSettings;
@@ -47,6 +50,8 @@ enum Command {
         #[arg(long, env = "WINGS_ENROLL_TOKEN", hide_env_values = true)]
         token: String,
     },
+    /// Hash a password read from standard input for the SFTP credential file (argon2id).
+    HashPassword,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,8 +64,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
+    if let Some(Command::HashPassword) = cli.command {
+        let mut password = String::new();
+        std::io::stdin().read_line(&mut password)?;
+        let password = password.trim_end_matches(['\r', '\n']);
+        anyhow::ensure!(!password.is_empty(), "give the password on standard input");
+        let hash = hash_password(password).map_err(anyhow::Error::msg)?;
+        // The hash is the command's output, for the credential file.
+        writeln!(std::io::stdout(), "{hash}")?;
+        return Ok(());
+    }
     let config = Config::load(&cli.config).with_context(|| format!("config {}", cli.config.display()))?;
     match cli.command.unwrap_or(Command::Serve) {
+        Command::HashPassword => Ok(()),
         Command::CheckConfig => {
             let mut shown = config.clone();
             shown.api.token = "<hidden>".into();
@@ -115,7 +131,21 @@ fn serve(config: Config) -> anyhow::Result<()> {
             replay_lines: config.console.replay_lines,
             tokens: tokens.clone(),
         });
+        let sftp_config = config.sftp.clone();
+        let host_key = host_key_path(&config.sftp, &config.system.data_dir);
         let manager = Manager::start(config).await?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let sftp_task = if sftp_config.enabled {
+            let credentials = (!sftp_config.credentials_file.is_empty())
+                .then(|| PathBuf::from(&sftp_config.credentials_file));
+            let auth = Arc::new(StaticCredentials::open(credentials)?);
+            let ctx = SftpContext::new(sftp_config, manager.clone(), auth, tokens.clone());
+            let sftp = SftpServer::bind(ctx, host_key).await?;
+            tracing::info!(listen = %sftp.local_addr()?, "SFTP is listening");
+            Some(tokio::spawn(sftp.serve(shutdown.clone())))
+        } else {
+            None
+        };
         let state = web::Data::new(AppState {
             manager: manager.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -141,8 +171,12 @@ fn serve(config: Config) -> anyhow::Result<()> {
         wait_for_shutdown_signal().await?;
         // Game servers keep running: their containers do not depend on this process.
         tracing::info!("shutting down; game servers keep running");
+        shutdown.cancel();
         handle.stop(true).await;
         let _ = server_task.await;
+        if let Some(task) = sftp_task {
+            let _ = task.await;
+        }
         drop::<Arc<Manager>>(manager);
         Ok(())
     })

@@ -197,6 +197,16 @@ impl TokenVerifier {
             .is_some_and(|&at| claims.iat <= at)
     }
 
+    /// When `user` was last deauthorized on `server` (Unix seconds), while that is remembered.
+    pub fn deauthorized_at(&self, server: &ServerId, user: &str) -> Option<u64> {
+        let revocations = self.revocations.lock().unwrap_or_else(|p| p.into_inner());
+        revocations
+            .deauthorized
+            .get(server.as_str())
+            .and_then(|users| users.get(user))
+            .copied()
+    }
+
     /// Denies token ids until their tokens expire (`(jti, exp)` pairs), in one write.
     pub fn deny(&self, tokens: &[(String, u64)]) -> std::io::Result<()> {
         self.update(|r| r.denied.extend(tokens.iter().cloned()))?;

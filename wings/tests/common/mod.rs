@@ -17,6 +17,8 @@ pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
 pub struct Wings {
     child: Option<Child>,
     pub port: u16,
+    /// Every test wings serves SFTP on its own port too.
+    pub sftp_port: u16,
     pub dir: tempfile::TempDir,
     pub http: reqwest::Client,
     extra_config: String,
@@ -96,6 +98,7 @@ impl Wings {
         let mut wings = Wings {
             child: None,
             port: free_port(),
+            sftp_port: free_port(),
             dir,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -133,6 +136,7 @@ impl Wings {
             .arg("--config")
             .arg(self.config_path())
             .env("RUST_LOG", "info,mamba_wings=debug")
+            .env("WINGS_SFTP__LISTEN", format!("127.0.0.1:{}", self.sftp_port))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -157,6 +161,13 @@ impl Wings {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("wings.log")).unwrap_or_default()
+    }
+
+    /// Whether the wings process is still running.
+    pub fn try_alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,415 @@
+//! SFTP against real clients: Python paramiko (`sftp_client.py`), OpenSSH's `sftp -b` and
+//! `sshfs`, plus a raw TCP client that sends garbage. Installed by `scripts/sftp-tools.sh`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Wings, testbox, unique_id, wait_for};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Test users: the key pair and password hash are made once per test in its temp folder.
+struct Users {
+    key: PathBuf,
+    public_key: String,
+    hash: String,
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
+
+fn hash_password(password: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wings"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+const PASSWORD: &str = "correct horse battery staple";
+
+fn users(dir: &Path) -> Users {
+    let (key, public_key) = keygen(dir, "alice_key");
+    Users {
+        key,
+        public_key,
+        hash: hash_password(PASSWORD),
+    }
+}
+
+/// Writes the credential file: alice (password and key) and bob (password) on `server`, with
+/// the given permissions each.
+fn credentials(dir: &Path, users: &Users, server: &str, alice: &[&str], bob: &[&str]) -> PathBuf {
+    let path = dir.join("sftp-credentials.toml");
+    let list = |p: &[&str]| serde_json::to_string(p).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "[[users]]\nname = \"alice\"\nid = \"u-alice\"\npassword_hash = \"{}\"\nauthorized_keys = [\"{}\"]\n\
+             [users.servers]\n\"{server}\" = {}\n\n\
+             [[users]]\nname = \"bob\"\nid = \"u-bob\"\npassword_hash = \"{}\"\n[users.servers]\n\"{server}\" = {}\n",
+            users.hash,
+            users.public_key,
+            list(alice),
+            users.hash,
+            list(bob),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts wings with SFTP on, creates a server (without starting it) and returns its id.
+async fn setup(extra: &str, alice: &[&str], bob: &[&str]) -> (Wings, Users, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let users = users(dir.path());
+    let id = unique_id("sftp");
+    let creds = credentials(dir.path(), &users, &id, alice, bob);
+    // One start at a time: wings creates the shared Docker network when it is missing, and
+    // two creating it at once would make two networks of the same name.
+    static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let starting = STARTING.lock().await;
+    let wings = Wings::start_with(&format!(
+        "[sftp]\ncredentials_file = \"{}\"\n{extra}\n",
+        creds.display()
+    ))
+    .await;
+    drop(starting);
+    let (status, body) = wings
+        .post(
+            "/api/servers",
+            json!({
+                "id": id,
+                "blueprint": testbox(),
+                "variables": {},
+                "allocations": {"default": {"ip": "127.0.0.1", "port": common::free_port()}},
+                "start_on_completion": false,
+            }),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    wings.wait_state(&id, "offline", TIMEOUT).await;
+    (wings, users, id, dir)
+}
+
+fn login_name(user: &str, server: &str) -> String {
+    format!("{user}.{}", &server[..8])
+}
+
+fn client() -> PathBuf {
+    common::workspace_root().join("wings/tests/sftp_client.py")
+}
+
+/// Runs sftp_client.py to completion and returns its JSON lines.
+fn paramiko(wings: &Wings, login: &str, auth: &[&str], action: &[&str]) -> Vec<Value> {
+    let out = Command::new("python3")
+        .arg(client())
+        .arg(wings.sftp_port.to_string())
+        .arg(login)
+        .args(auth)
+        .args(action)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sftp_client.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn password(p: &str) -> [&str; 2] {
+    ["--password", p]
+}
+
+#[tokio::test]
+async fn logins_with_password_or_key_bind_to_one_server() {
+    let (wings, users, id, _dir) = setup("", &["*"], &["file.read"]).await;
+    let alice = login_name("alice", &id);
+    let key = users.key.to_str().unwrap();
+
+    assert_eq!(
+        paramiko(&wings, &alice, &password(PASSWORD), &["login"])[0]["ok"],
+        true
+    );
+    assert_eq!(
+        paramiko(&wings, &alice, &["--key", key], &["login"])[0]["ok"],
+        true
+    );
+    assert_eq!(
+        paramiko(&wings, &login_name("bob", &id), &password(PASSWORD), &["login"])[0]["ok"],
+        true
+    );
+
+    // Refused: wrong password, bob's name with alice's key, a server that does not exist, a
+    // name without a server part.
+    for (login, auth) in [
+        (alice.clone(), password("wrong").to_vec()),
+        (login_name("bob", &id), vec!["--key", key]),
+        (format!("alice.{}", "zzzzzzzz"), password(PASSWORD).to_vec()),
+        ("alice".to_string(), password(PASSWORD).to_vec()),
+    ] {
+        let result = &paramiko(&wings, &login, &auth, &["login"])[0];
+        assert_eq!(result["ok"], false, "{login} {auth:?}: {result}");
+    }
+
+    // Only the sftp subsystem is served: no shell, no commands.
+    for kind in ["shell", "exec"] {
+        let result = &paramiko(&wings, &alice, &password(PASSWORD), &["channel", kind])[0];
+        assert_eq!(result["ok"], false, "{kind}: {result}");
+    }
+}
+
+#[tokio::test]
+async fn failed_logins_are_limited_per_user_then_per_address() {
+    let (wings, users, id, _dir) = setup(
+        "failed_logins_per_user = 3\nfailed_logins_per_ip = 8\n",
+        &["*"],
+        &["*"],
+    )
+    .await;
+    let alice = login_name("alice", &id);
+    let bob = login_name("bob", &id);
+    let key = users.key.to_str().unwrap();
+
+    // Three wrong passwords for alice: now even her right password is refused...
+    let r = paramiko(&wings, &alice, &password("wrong"), &["attempts", "3"]);
+    assert_eq!(r[0]["results"], json!([false, false, false]));
+    assert_eq!(
+        paramiko(&wings, &alice, &password(PASSWORD), &["login"])[0]["ok"],
+        false
+    );
+    // ...but bob, and alice's key, still get in: the lock is on alice's password logins.
+    assert_eq!(
+        paramiko(&wings, &bob, &password(PASSWORD), &["login"])[0]["ok"],
+        true
+    );
+    assert_eq!(
+        paramiko(&wings, &alice, &["--key", key], &["login"])[0]["ok"],
+        true
+    );
+
+    // Failures so far from 127.0.0.1: 3 + 1. Four more with made-up names reach the address
+    // limit of 8, after which every login from it is refused, keys included.
+    let r = paramiko(
+        &wings,
+        &format!("nobody.{}", &id[..8]),
+        &password("x"),
+        &["attempts", "4"],
+    );
+    assert_eq!(r[0]["results"], json!([false, false, false, false]));
+    assert_eq!(
+        paramiko(&wings, &bob, &password(PASSWORD), &["login"])[0]["ok"],
+        false
+    );
+    assert_eq!(
+        paramiko(&wings, &alice, &["--key", key], &["login"])[0]["ok"],
+        false
+    );
+    assert!(wings.log().contains("SFTP login failed"));
+}
+
+/// Reads what the server sends until it closes the connection or 10 s pass.
+fn drain(mut stream: TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.len() > 1 << 20 {
+            break;
+        }
+    }
+    got
+}
+
+/// A packet in the SSH binary packet format (unencrypted, as before key exchange).
+fn ssh_packet(payload: &[u8], declared_len: Option<u32>) -> Vec<u8> {
+    let padding = 8 - (payload.len() + 5) % 8 + 8;
+    let len = declared_len.unwrap_or((payload.len() + padding + 1) as u32);
+    let mut p = len.to_be_bytes().to_vec();
+    p.push(padding as u8);
+    p.extend_from_slice(payload);
+    p.extend(std::iter::repeat_n(0u8, padding));
+    p
+}
+
+#[tokio::test]
+async fn hostile_bytes_before_and_during_the_handshake_never_crash_wings() {
+    let (mut wings, _users, id, _dir) = setup("", &["*"], &[]).await;
+    let addr = format!("127.0.0.1:{}", wings.sftp_port);
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    let kexinit_garbage = {
+        let mut payload = vec![20u8]; // SSH_MSG_KEXINIT
+        payload.extend(noise(16)); // cookie
+        payload.extend(0xffff_fff0_u32.to_be_bytes()); // a name-list "length" far past the end
+        payload.extend(noise(64));
+        payload
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes instead of a version", noise(64 * 1024)),
+        ("a version line that never ends", vec![b'S'; 256 * 1024]),
+        (
+            "binary before the version",
+            b"\0\0\0\x0c\x0a\x14garbage\r\n".to_vec(),
+        ),
+        (
+            "version, then noise",
+            [b"SSH-2.0-evil\r\n".to_vec(), noise(4096)].concat(),
+        ),
+        (
+            "version, then a huge packet length",
+            [b"SSH-2.0-evil\r\n".to_vec(), ssh_packet(&[20], Some(0x7fff_ffff))].concat(),
+        ),
+        (
+            "version, then a KEXINIT with lying name-list lengths",
+            [b"SSH-2.0-evil\r\n".to_vec(), ssh_packet(&kexinit_garbage, None)].concat(),
+        ),
+        (
+            "version, then a packet of an unknown type",
+            [b"SSH-2.0-evil\r\n".to_vec(), ssh_packet(&[250, 1, 2, 3], None)].concat(),
+        ),
+        ("SSH-1 version", b"SSH-1.5-old\r\n".to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        // The server may hang up before reading everything; that is a fine answer.
+        let _ = stream.write_all(bytes);
+        let answer = drain(stream);
+        assert!(
+            answer.is_empty() || answer.starts_with(b"SSH-2.0-"),
+            "{what}: unexpected answer {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(64)])
+        );
+        assert!(wings.try_alive(), "wings died on: {what}");
+    }
+    // Half-open connections that just sit there are closed at the login deadline, and many at
+    // once do not stop others from logging in.
+    let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let alice = login_name("alice", &id);
+    assert_eq!(
+        paramiko(&wings, &alice, &password(PASSWORD), &["login"])[0]["ok"],
+        true
+    );
+    drop(idle);
+    let (status, _) = wings.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert!(wings.try_alive());
+}
+
+/// Starts `sftp_client.py ... hold` and waits for it to report the session open.
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+async fn hold(wings: &Wings, login: &str, auth: &[&str]) -> (tokio::process::Child, Lines) {
+    let mut child = tokio::process::Command::new("python3")
+        .arg(client())
+        .arg(wings.sftp_port.to_string())
+        .arg(login)
+        .args(auth)
+        .arg("hold")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(TIMEOUT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["ready"],
+        true,
+        "{first}"
+    );
+    (child, lines)
+}
+
+async fn next(lines: &mut Lines) -> Value {
+    let line = tokio::time::timeout(TIMEOUT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+async fn closed(lines: &mut Lines) -> bool {
+    next(lines).await["closed"] == true
+}
+
+/// Asks a held session whether it still works.
+async fn ping(child: &mut tokio::process::Child, lines: &mut Lines) -> Value {
+    use tokio::io::AsyncWriteExt as _;
+    let stdin = child.stdin.as_mut().unwrap();
+    stdin.write_all(b"ping\n").await.unwrap();
+    stdin.flush().await.unwrap();
+    next(lines).await
+}
+
+#[tokio::test]
+async fn deauthorizing_a_user_closes_their_sessions_and_deleting_the_server_closes_all() {
+    let (wings, _users, id, _dir) = setup("", &["*"], &["*"]).await;
+    let (_a, mut alice) = hold(&wings, &login_name("alice", &id), &password(PASSWORD)).await;
+    let (mut b, mut bob) = hold(&wings, &login_name("bob", &id), &password(PASSWORD)).await;
+
+    let (status, body) = wings
+        .post(
+            &format!("/api/servers/{id}/deauthorize"),
+            json!({"user": "u-alice"}),
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    assert!(closed(&mut alice).await, "alice's session is closed");
+    wait_for("the log to say why", TIMEOUT, || async {
+        wings.log().contains("access was revoked").then_some(())
+    })
+    .await;
+
+    // Bob's session is untouched by alice's revocation; deleting the server ends it.
+    assert_eq!(ping(&mut b, &mut bob).await["alive"], true);
+    let (status, body) = wings.delete(&format!("/api/servers/{id}")).await;
+    assert!(status == 202 || status == 204, "{status} {body}");
+    assert!(closed(&mut bob).await, "bob's session is closed");
+}
