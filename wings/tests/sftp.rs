@@ -84,6 +84,16 @@ fn credentials(dir: &Path, users: &Users, server: &str, alice: &[&str], bob: &[&
 
 /// Starts wings with SFTP on, creates a server (without starting it) and returns its id.
 async fn setup(extra: &str, alice: &[&str], bob: &[&str]) -> (Wings, Users, String, tempfile::TempDir) {
+    setup_with(extra, alice, bob, None).await
+}
+
+/// As `setup`, with a disk quota of `disk_mb` for the server.
+async fn setup_with(
+    extra: &str,
+    alice: &[&str],
+    bob: &[&str],
+    disk_mb: Option<u64>,
+) -> (Wings, Users, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let users = users(dir.path());
     let id = unique_id("sftp");
@@ -106,6 +116,7 @@ async fn setup(extra: &str, alice: &[&str], bob: &[&str]) -> (Wings, Users, Stri
                 "blueprint": testbox(),
                 "variables": {},
                 "allocations": {"default": {"ip": "127.0.0.1", "port": common::free_port()}},
+                "limits": disk_mb.map(|mb| json!({"memory_mb": 128, "cpu_percent": 100, "disk_mb": mb, "pids": 64})),
                 "start_on_completion": false,
             }),
         )
@@ -412,4 +423,140 @@ async fn deauthorizing_a_user_closes_their_sessions_and_deleting_the_server_clos
     let (status, body) = wings.delete(&format!("/api/servers/{id}")).await;
     assert!(status == 202 || status == 204, "{status} {body}");
     assert!(closed(&mut bob).await, "bob's session is closed");
+}
+
+fn root(wings: &Wings, id: &str) -> PathBuf {
+    wings.data_dir().join("volumes").join(id)
+}
+
+fn ops(wings: &Wings, login: &str, ops: Value) -> Vec<Value> {
+    paramiko(wings, login, &password(PASSWORD), &["ops", &ops.to_string()])
+}
+
+#[tokio::test]
+async fn paramiko_uploads_downloads_lists_renames_and_deletes() {
+    let (wings, _users, id, _dir) = setup("", &["*"], &[]).await;
+    let alice = login_name("alice", &id);
+    let results = ops(
+        &wings,
+        &alice,
+        json!([
+            {"op": "mkdir", "path": "/plugins"},
+            {"op": "put", "path": "/plugins/a.txt", "data": "0123456789", "repeat": 100000},
+            {"op": "stat", "path": "plugins/a.txt"},
+            {"op": "get", "path": "/plugins/../plugins/a.txt"},
+            {"op": "list", "path": "/plugins"},
+            {"op": "rename", "from": "/plugins/a.txt", "to": "/plugins/b.txt"},
+            {"op": "append", "path": "/plugins/b.txt", "data": "!"},
+            {"op": "truncate", "path": "/plugins/b.txt", "size": 5},
+            {"op": "get", "path": "/plugins/b.txt"},
+            {"op": "chmod", "path": "/plugins/b.txt", "mode": 0o600},
+            {"op": "stat", "path": "/plugins/b.txt"},
+            {"op": "realpath", "path": "../../.."},
+            {"op": "remove", "path": "/plugins/b.txt"},
+            {"op": "rmdir", "path": "/plugins"},
+            {"op": "list", "path": "/"},
+        ]),
+    );
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["ok"], true, "step {i}: {r}");
+    }
+    assert_eq!(results[2]["size"], 1_000_000);
+    assert_eq!(results[3]["data"].as_str().unwrap().len(), 1_000_000);
+    assert_eq!(results[4]["names"], json!(["a.txt"]));
+    assert_eq!(results[8]["data"], "01234");
+    assert_eq!(results[10]["mode"].as_u64().unwrap() & 0o777, 0o600);
+    assert_eq!(results[11]["path"], "/");
+    assert!(
+        !results[14]["names"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("plugins"))
+    );
+    assert!(!root(&wings, &id).join("plugins").exists());
+}
+
+#[tokio::test]
+async fn permissions_are_enforced_per_operation() {
+    // alice may read and download; bob may only list.
+    let (wings, _users, id, _dir) = setup("", &["file.read", "file.read-content"], &["file.read"]).await;
+    std::fs::create_dir_all(root(&wings, &id).join("cfg")).unwrap();
+    std::fs::write(root(&wings, &id).join("cfg/server.properties"), "motd=hi\n").unwrap();
+    let alice = ops(
+        &wings,
+        &login_name("alice", &id),
+        json!([
+            {"op": "get", "path": "/cfg/server.properties"},
+            {"op": "put", "path": "/cfg/new.txt", "data": "x"},
+            {"op": "put", "path": "/cfg/server.properties", "data": "motd=pwned"},
+            {"op": "mkdir", "path": "/d"},
+            {"op": "rename", "from": "/cfg/server.properties", "to": "/cfg/x"},
+            {"op": "remove", "path": "/cfg/server.properties"},
+            {"op": "chmod", "path": "/cfg/server.properties", "mode": 0o777},
+            {"op": "symlink", "target": "server.properties", "path": "/cfg/l"},
+        ]),
+    );
+    assert_eq!(alice[0]["ok"], true, "{}", alice[0]);
+    assert_eq!(alice[0]["data"], "motd=hi\n");
+    for (i, r) in alice.iter().enumerate().skip(1) {
+        assert_eq!(r["ok"], false, "alice step {i}: {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains("ermission"),
+            "alice step {i}: {r}"
+        );
+    }
+    let bob = ops(
+        &wings,
+        &login_name("bob", &id),
+        json!([
+            {"op": "list", "path": "/cfg"},
+            {"op": "stat", "path": "/cfg/server.properties"},
+            {"op": "get", "path": "/cfg/server.properties"},
+        ]),
+    );
+    assert_eq!(bob[0]["names"], json!(["server.properties"]));
+    assert_eq!(bob[1]["ok"], true);
+    assert_eq!(bob[2]["ok"], false, "{}", bob[2]);
+    // Nothing changed on disk.
+    assert_eq!(
+        std::fs::read_to_string(root(&wings, &id).join("cfg/server.properties")).unwrap(),
+        "motd=hi\n"
+    );
+    assert!(!root(&wings, &id).join("cfg/new.txt").exists());
+    assert!(!root(&wings, &id).join("d").exists());
+}
+
+#[tokio::test]
+async fn writes_past_the_quota_are_refused() {
+    let (wings, _users, id, _dir) = setup_with("", &["*"], &[], Some(2)).await;
+    let alice = login_name("alice", &id);
+    // 3 MB into a 2 MiB quota: refused part way, and the file never passes the quota.
+    let r = ops(
+        &wings,
+        &alice,
+        json!([
+            {"op": "put", "path": "/big.bin", "data": "0123456789abcdef", "repeat": 196_608},
+            {"op": "stat", "path": "/big.bin"},
+            {"op": "put", "path": "/small.txt", "data": "fits"},
+        ]),
+    );
+    assert_eq!(r[0]["ok"], false, "{}", r[0]);
+    assert!(r[0]["error"].as_str().unwrap().contains("quota"), "{}", r[0]);
+    let size = std::fs::metadata(root(&wings, &id).join("big.bin")).map_or(0, |m| m.len());
+    assert!(size <= 2 * 1024 * 1024, "{size} bytes written");
+    // Removing the partial file frees the space again.
+    let r = ops(
+        &wings,
+        &alice,
+        json!([
+            {"op": "remove", "path": "/big.bin"},
+            {"op": "put", "path": "/ok.bin", "data": "0123456789abcdef", "repeat": 65_536},
+        ]),
+    );
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    assert_eq!(r[1]["ok"], true, "{}", r[1]);
+    assert_eq!(
+        std::fs::metadata(root(&wings, &id).join("ok.bin")).unwrap().len(),
+        1024 * 1024
+    );
 }

@@ -47,8 +47,8 @@ def run_op(sftp, op):
     name = op["op"]
     try:
         if name == "put":
+            # Not pipelined: paramiko drops the errors of pipelined writes at close.
             with sftp.open(op["path"], "wb") as f:
-                f.set_pipelined(True)
                 data = op.get("data", "").encode()
                 data *= op.get("repeat", 1)
                 f.write(data)
