@@ -24,6 +24,26 @@ pub struct Config {
     pub rate_limits: RateLimitConfig,
     pub api_keys: ApiKeyConfig,
     pub plans: PlanConfig,
+    pub blueprints: BlueprintsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlueprintsConfig {
+    /// The folder of `<slug>.yaml` blueprint files, read at start. Relative paths are taken
+    /// from the working directory.
+    pub dir: String,
+    /// Largest egg or blueprint an operator may import, in bytes.
+    pub max_import_bytes: usize,
+}
+
+impl Default for BlueprintsConfig {
+    fn default() -> Self {
+        BlueprintsConfig {
+            dir: "blueprints".into(),
+            max_import_bytes: 2 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

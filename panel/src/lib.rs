@@ -11,6 +11,7 @@ pub mod allocation;
 pub mod api_keys;
 pub mod audit;
 pub mod authz;
+pub mod blueprints;
 pub mod config;
 pub mod db;
 pub mod eggs;

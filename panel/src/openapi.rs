@@ -190,6 +190,10 @@ impl Modify for Security {
         crate::http::nodes::delete_pool,
         crate::http::nodes::list_allocations,
         crate::http::nodes::scan_leaks,
+        crate::http::blueprints::list_blueprints,
+        crate::http::blueprints::export_blueprint,
+        crate::http::blueprints::import_blueprint,
+        crate::http::blueprints::delete_blueprint,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -197,7 +201,9 @@ impl Modify for Security {
         Page<ApiKey>, crate::nodes::Node, crate::nodes::NodeDetail, crate::nodes::Resources,
         crate::nodes::NewNode, crate::nodes::NodeChanges, crate::nodes::Decommissioned, Page<crate::nodes::Node>,
         crate::allocation::Pool, crate::allocation::NewPools, crate::allocation::Strategy, crate::allocation::Allocation,
-        crate::allocation::LeakReport, Page<crate::allocation::Allocation>
+        crate::allocation::LeakReport, Page<crate::allocation::Allocation>,
+        crate::blueprints::Summary, crate::blueprints::Source, crate::blueprints::ImportResult,
+        crate::eggs::Report, crate::eggs::ReportItem, crate::eggs::Outcome
     )),
     modifiers(&Security),
 )]

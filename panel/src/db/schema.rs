@@ -269,3 +269,15 @@ diesel::joinable!(allocations -> nodes (node_id));
 diesel::joinable!(allocations -> allocation_pools (pool_id));
 
 diesel::allow_tables_to_appear_in_same_query!(nodes, allocation_pools, servers, allocations, tenants);
+
+diesel::table! {
+    blueprints (slug) {
+        slug -> Text,
+        name -> Text,
+        document -> Text,
+        source_format -> Text,
+        report -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}

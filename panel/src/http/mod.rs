@@ -5,6 +5,7 @@
 
 pub(crate) mod account;
 pub mod auth;
+pub(crate) mod blueprints;
 pub mod extract;
 pub(crate) mod health;
 pub(crate) mod nodes;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub secrets: crate::secrets::SecretBox,
     /// Seals users' TOTP seeds at rest.
     pub totp_sealer: crate::secrets::FieldSealer,
+    /// The blueprint files, read at start.
+    pub blueprints: Arc<crate::blueprints::Registry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,8 @@ pub enum StateError {
     Hash(#[from] crate::password::HashError),
     #[error(transparent)]
     Mail(#[from] crate::mail::MailError),
+    #[error(transparent)]
+    Blueprints(#[from] crate::blueprints::RegistryError),
 }
 
 impl AppState {
@@ -65,6 +70,9 @@ impl AppState {
             secrets: crate::secrets::SecretBox::new(master),
             totp_sealer: crate::secrets::FieldSealer::totp(master),
             mailer: Mailer::from_config(&config.smtp)?,
+            blueprints: Arc::new(crate::blueprints::Registry::load(std::path::Path::new(
+                &config.blueprints.dir,
+            ))?),
             limiter: Limiter::local(),
             events: crate::events::EventBus::local(),
             config: Arc::new(config),
@@ -115,7 +123,8 @@ pub fn app(
                 .configure(auth::configure)
                 .configure(account::configure)
                 .configure(tenants::configure)
-                .configure(nodes::configure),
+                .configure(nodes::configure)
+                .configure(blueprints::configure),
         )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
