@@ -21,6 +21,8 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 struct Users {
     key: PathBuf,
     public_key: String,
+    bob_key: PathBuf,
+    bob_public_key: String,
     hash: String,
 }
 
@@ -53,9 +55,12 @@ const PASSWORD: &str = "correct horse battery staple";
 
 fn users(dir: &Path) -> Users {
     let (key, public_key) = keygen(dir, "alice_key");
+    let (bob_key, bob_public_key) = keygen(dir, "bob_key");
     Users {
         key,
         public_key,
+        bob_key,
+        bob_public_key,
         hash: hash_password(PASSWORD),
     }
 }
@@ -70,11 +75,13 @@ fn credentials(dir: &Path, users: &Users, server: &str, alice: &[&str], bob: &[&
         format!(
             "[[users]]\nname = \"alice\"\nid = \"u-alice\"\npassword_hash = \"{}\"\nauthorized_keys = [\"{}\"]\n\
              [users.servers]\n\"{server}\" = {}\n\n\
-             [[users]]\nname = \"bob\"\nid = \"u-bob\"\npassword_hash = \"{}\"\n[users.servers]\n\"{server}\" = {}\n",
+             [[users]]\nname = \"bob\"\nid = \"u-bob\"\npassword_hash = \"{}\"\nauthorized_keys = [\"{}\"]\n\
+             [users.servers]\n\"{server}\" = {}\n",
             users.hash,
             users.public_key,
             list(alice),
             users.hash,
+            users.bob_public_key,
             list(bob),
         ),
     )
@@ -84,7 +91,7 @@ fn credentials(dir: &Path, users: &Users, server: &str, alice: &[&str], bob: &[&
 
 /// Starts wings with SFTP on, creates a server (without starting it) and returns its id.
 async fn setup(extra: &str, alice: &[&str], bob: &[&str]) -> (Wings, Users, String, tempfile::TempDir) {
-    setup_with(extra, alice, bob, None).await
+    setup_with(extra, alice, bob, None, &[]).await
 }
 
 /// As `setup`, with a disk quota of `disk_mb` for the server.
@@ -93,6 +100,7 @@ async fn setup_with(
     alice: &[&str],
     bob: &[&str],
     disk_mb: Option<u64>,
+    denylist: &[&str],
 ) -> (Wings, Users, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let users = users(dir.path());
@@ -108,12 +116,14 @@ async fn setup_with(
     ))
     .await;
     drop(starting);
+    let mut blueprint = testbox();
+    blueprint["file_denylist"] = json!(denylist);
     let (status, body) = wings
         .post(
             "/api/servers",
             json!({
                 "id": id,
-                "blueprint": testbox(),
+                "blueprint": blueprint,
                 "variables": {},
                 "allocations": {"default": {"ip": "127.0.0.1", "port": common::free_port()}},
                 "limits": disk_mb.map(|mb| json!({"memory_mb": 128, "cpu_percent": 100, "disk_mb": mb, "pids": 64})),
@@ -528,7 +538,7 @@ async fn permissions_are_enforced_per_operation() {
 
 #[tokio::test]
 async fn writes_past_the_quota_are_refused() {
-    let (wings, _users, id, _dir) = setup_with("", &["*"], &[], Some(2)).await;
+    let (wings, _users, id, _dir) = setup_with("", &["*"], &[], Some(2), &[]).await;
     let alice = login_name("alice", &id);
     // 3 MB into a 2 MiB quota: refused part way, and the file never passes the quota.
     let r = ops(
@@ -559,4 +569,258 @@ async fn writes_past_the_quota_are_refused() {
         std::fs::metadata(root(&wings, &id).join("ok.bin")).unwrap().len(),
         1024 * 1024
     );
+}
+
+#[tokio::test]
+async fn symlinks_planted_in_the_container_and_traversal_never_leave_the_root() {
+    let (wings, _users, id, _dir) = setup_with("", &["*"], &[], None, &["secret.txt"]).await;
+    let root = root(&wings, &id);
+    std::fs::write(root.join("secret.txt"), "denied").unwrap();
+    // Another server's folder on the same node, which the links below also aim at.
+    let neighbour = wings.data_dir().join("volumes").join("neighbour");
+    std::fs::create_dir_all(&neighbour).unwrap();
+    std::fs::write(neighbour.join("data.txt"), "not yours").unwrap();
+    let (status, body) = wings.power(&id, "start").await;
+    assert_eq!(status, 202, "{body}");
+    wings.wait_state(&id, "running", TIMEOUT).await;
+    let plant = format!(
+        "cd /home/container && ln -s / rootlink && ln -s /etc/passwd passwd && ln -s /etc etc \
+         && ln -s ../../../.. up && ln -s {} neighbour && ln -s secret.txt alias",
+        neighbour.display()
+    );
+    let (ok, out) = common::docker(&["exec", &format!("mamba-{id}"), "sh", "-c", &plant]);
+    assert!(ok, "planting links in the container failed: {out}");
+    let host_passwd = std::fs::read("/etc/passwd").unwrap();
+    let passwd_mode = std::fs::metadata("/etc/passwd").unwrap().permissions();
+
+    let long = "a".repeat(5000);
+    let r = ops(
+        &wings,
+        &login_name("alice", &id),
+        json!([
+            {"op": "get", "path": "/passwd"},
+            {"op": "get", "path": "/rootlink/etc/passwd"},
+            {"op": "list", "path": "/rootlink"},
+            {"op": "list", "path": "/etc"},
+            {"op": "list", "path": "/up"},
+            {"op": "get", "path": "/neighbour/data.txt"},
+            {"op": "put", "path": "/etc/mamba-evil", "data": "x"},
+            {"op": "put", "path": "/neighbour/evil.txt", "data": "x"},
+            {"op": "chmod", "path": "/passwd", "mode": 0o777},
+            {"op": "truncate", "path": "/passwd", "size": 0},
+            {"op": "symlink", "target": "/etc", "path": "/abs"},
+            {"op": "symlink", "target": "../../../../etc", "path": "/rel"},
+            {"op": "get", "path": "/alias"},
+            {"op": "get", "path": "/secret.txt"},
+            {"op": "get", "path": "/../../../../etc/passwd"},
+            {"op": "get", "path": "..\\..\\etc\\passwd"},
+            {"op": "get", "path": "/a\u{0}b"},
+            {"op": "get", "path": format!("/{long}")},
+            // Allowed: describing and removing the links themselves, and a link that stays in.
+            {"op": "readlink", "path": "/rootlink"},
+            {"op": "lstat", "path": "/passwd"},
+            {"op": "remove", "path": "/passwd"},
+            {"op": "rename", "from": "/etc", "to": "/etc-link"},
+            {"op": "symlink", "target": "alias-target.txt", "path": "/inside"},
+        ]),
+    );
+    for (i, result) in r.iter().enumerate().take(18) {
+        assert_eq!(result["ok"], false, "step {i} must be refused: {result}");
+    }
+    for (i, result) in r.iter().enumerate().skip(18) {
+        assert_eq!(result["ok"], true, "step {i}: {result}");
+    }
+    assert_eq!(r[18]["target"], "/");
+    // The host and the neighbour are untouched; the links went, not their targets.
+    assert_eq!(std::fs::read("/etc/passwd").unwrap(), host_passwd);
+    assert_eq!(
+        std::fs::metadata("/etc/passwd").unwrap().permissions(),
+        passwd_mode
+    );
+    assert!(!Path::new("/etc/mamba-evil").exists());
+    assert_eq!(std::fs::read_dir(&neighbour).unwrap().count(), 1);
+    assert!(root.join("passwd").symlink_metadata().is_err());
+    assert!(
+        root.join("etc-link")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(root.join("abs").symlink_metadata().is_err() && root.join("rel").symlink_metadata().is_err());
+    let _ = wings.power(&id, "kill").await;
+}
+
+fn openssh_args(wings: &Wings, key: &Path) -> Vec<String> {
+    [
+        "-P",
+        &wings.sftp_port.to_string(),
+        "-i",
+        key.to_str().unwrap(),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Runs `sftp -b -` with `batch` on stdin; answers whether every command succeeded, and the
+/// output.
+fn openssh_sftp(wings: &Wings, users: &Users, login: &str, batch: &str) -> (bool, String) {
+    let mut child = Command::new("sftp")
+        .args(openssh_args(
+            wings,
+            if login.starts_with("bob.") {
+                &users.bob_key
+            } else {
+                &users.key
+            },
+        ))
+        .args(["-b", "-"])
+        .arg(format!("{login}@127.0.0.1"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(batch.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn openssh_sftp_in_batch_mode() {
+    let (wings, users, id, dir) = setup("", &["*"], &["file.read", "file.read-content"]).await;
+    let alice = login_name("alice", &id);
+    let source = dir.path().join("upload.bin");
+    let data: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&source, &data).unwrap();
+    let back = dir.path().join("download.bin");
+    let batch = format!(
+        "mkdir /world\nput {} /world/region.bin\nls -l /world\nrename /world/region.bin /world/r.bin\n\
+         get /world/r.bin {}\nln -s r.bin /world/latest\nchmod 600 /world/r.bin\ncd /world\nls\n\
+         rm /world/latest\nrm /world/r.bin\nrmdir /world\nls /\n",
+        source.display(),
+        back.display()
+    );
+    let (ok, out) = openssh_sftp(&wings, &users, &alice, &batch);
+    assert!(ok, "{out}");
+    assert!(out.contains("region.bin"), "{out}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    assert!(!root(&wings, &id).join("world").exists());
+
+    // Each of these must fail (sftp -b stops with a non-zero status at a failing command).
+    std::fs::write(root(&wings, &id).join("keep.txt"), "keep").unwrap();
+    for (login, command) in [
+        (alice.clone(), "ln -s /etc /etc-link".to_string()),
+        (alice.clone(), "ln -s ../../../etc /up".to_string()),
+        (
+            alice.clone(),
+            "cd /../..\nget /../../etc/shadow /dev/null".to_string(),
+        ),
+        (
+            login_name("bob", &id),
+            format!("put {} /new.bin", source.display()),
+        ),
+        (login_name("bob", &id), "rm /keep.txt".to_string()),
+        (login_name("bob", &id), "rename /keep.txt /moved.txt".to_string()),
+        (login_name("bob", &id), "mkdir /dir".to_string()),
+    ] {
+        let (ok, out) = openssh_sftp(&wings, &users, &login, &format!("{command}\n"));
+        assert!(!ok, "{login}: {command:?} should fail: {out}");
+    }
+    // bob may download.
+    let (ok, out) = openssh_sftp(
+        &wings,
+        &users,
+        &login_name("bob", &id),
+        &format!("get /keep.txt {}\n", back.display()),
+    );
+    assert!(ok, "{out}");
+    assert!(root(&wings, &id).join("keep.txt").exists());
+}
+
+/// Unmounts a FUSE mount when dropped, also when the test fails.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let unmounted = Command::new("fusermount3").arg("-u").arg(&self.0).status();
+        if !unmounted.is_ok_and(|s| s.success()) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+#[tokio::test]
+async fn sshfs_mounts_the_server_folder() {
+    let (wings, users, id, dir) = setup("", &["*"], &[]).await;
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut args = vec![format!("{}@127.0.0.1:/", login_name("alice", &id))];
+    args.push(mnt.display().to_string());
+    for option in [
+        format!("port={}", wings.sftp_port),
+        format!("IdentityFile={}", users.key.display()),
+        "StrictHostKeyChecking=no".into(),
+        "UserKnownHostsFile=/dev/null".into(),
+        "BatchMode=yes".into(),
+        "IdentitiesOnly=yes".into(),
+    ] {
+        args.push("-o".into());
+        args.push(option);
+    }
+    let out = Command::new("sshfs").args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    if !out.status.success() && (err.contains("/dev/fuse") || err.contains("fuse: device")) {
+        // Not faked: without a FUSE device this test cannot run, and says so.
+        eprintln!("SKIPPED sshfs_mounts_the_server_folder: FUSE is unavailable here: {err}");
+        return;
+    }
+    assert!(out.status.success(), "sshfs failed: {err}");
+    let _mount = Mount(mnt.clone());
+    let root = root(&wings, &id);
+
+    std::fs::write(mnt.join("hello.txt"), "hi from sshfs").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hi from sshfs"
+    );
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(mnt.join("big.bin"), &big).unwrap();
+    assert_eq!(std::fs::read(mnt.join("big.bin")).unwrap(), big);
+    assert_eq!(std::fs::read(root.join("big.bin")).unwrap(), big);
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    std::fs::rename(mnt.join("hello.txt"), mnt.join("d/h.txt")).unwrap();
+    let names: Vec<String> = std::fs::read_dir(mnt.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["h.txt"]);
+    std::os::unix::fs::symlink("h.txt", mnt.join("d/l")).unwrap();
+    assert_eq!(std::fs::read_to_string(mnt.join("d/l")).unwrap(), "hi from sshfs");
+    assert!(std::os::unix::fs::symlink("../../../../etc", mnt.join("up")).is_err());
+    assert!(std::os::unix::fs::symlink("/etc", mnt.join("abs")).is_err());
+    assert!(root.join("up").symlink_metadata().is_err() && root.join("abs").symlink_metadata().is_err());
+    std::fs::remove_file(mnt.join("d/l")).unwrap();
+    std::fs::remove_file(mnt.join("d/h.txt")).unwrap();
+    std::fs::remove_dir(mnt.join("d")).unwrap();
+    std::fs::remove_file(mnt.join("big.bin")).unwrap();
+    assert!(!root.join("d").exists() && !root.join("big.bin").exists());
 }
