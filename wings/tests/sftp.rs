@@ -132,7 +132,12 @@ async fn setup_with(
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    wings.wait_state(&id, "offline", TIMEOUT).await;
+    // "offline" is also the state before the install starts: wait for the install itself.
+    wait_for("the install", TIMEOUT, || async {
+        let server = wings.server(&id).await;
+        (server["install"]["status"] == "installed").then_some(())
+    })
+    .await;
     (wings, users, id, dir)
 }
 
@@ -823,4 +828,72 @@ async fn sshfs_mounts_the_server_folder() {
     std::fs::remove_dir(mnt.join("d")).unwrap();
     std::fs::remove_file(mnt.join("big.bin")).unwrap();
     assert!(!root.join("d").exists() && !root.join("big.bin").exists());
+}
+
+#[tokio::test]
+async fn a_folder_swapped_for_a_symlink_in_a_loop_never_lets_a_write_out() {
+    let (wings, _users, id, _dir) = setup("", &["*"], &[]).await;
+    let root = root(&wings, &id);
+    std::fs::create_dir(root.join("real")).unwrap();
+    std::fs::set_permissions(
+        root.join("real"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let (status, body) = wings.power(&id, "start").await;
+    assert_eq!(status, 202, "{body}");
+    wings.wait_state(&id, "running", TIMEOUT).await;
+    // Inside the container: swap the folder for a link to / and back, as fast as it can.
+    let race =
+        "cd /home/container && while true; do mv real real2; ln -s / real; rm real; mv real2 real; done";
+    let (ok, out) = common::docker(&["exec", "-d", &format!("mamba-{id}"), "sh", "-c", race]);
+    assert!(ok, "{out}");
+    let marker = unique_id("sftp-race");
+    let writes: Vec<Value> = (0..300)
+        .map(|i| json!({"op": "put", "path": format!("/real/{marker}-{i}"), "data": "x"}))
+        .collect();
+    let results = ops(&wings, &login_name("alice", &id), Value::Array(writes));
+    assert_eq!(results.len(), 300);
+    let _ = wings.power(&id, "kill").await;
+    // Whatever won each race, nothing was written outside the server's folder.
+    for outside in [Path::new("/"), Path::new("/etc"), Path::new("/tmp")] {
+        let leaked = std::fs::read_dir(outside)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&marker)
+            })
+            .count();
+        assert_eq!(leaked, 0, "a write escaped into {}", outside.display());
+    }
+    let inside = ["real", "real2"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(root.join(d)).ok())
+        .flatten()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&marker)
+        })
+        .count();
+    let succeeded = results.iter().filter(|r| r["ok"] == true).count();
+    assert_eq!(inside, succeeded, "every write that succeeded landed inside");
+    // The race was really run: some writes met the folder while it was a link to /.
+    let refused = results
+        .iter()
+        .filter(|r| {
+            r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("leaves the server root"))
+        })
+        .count();
+    assert!(
+        refused > 0,
+        "no write met the swapped folder; the test proves nothing"
+    );
 }
