@@ -3,7 +3,7 @@
 //! into the root.
 
 use std::collections::HashSet;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, Read, Write};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,7 @@ pub fn write_archive<W: Write>(
     progress: &mut Progress<impl FnMut(u64, u64)>,
 ) -> io::Result<Written<W>> {
     let mut archive = ArchiveWriter::new(sink, options)?;
+    let mut buffer = vec![0u8; FILE_BUFFER];
     let mut walker = fs.walk(".").map_err(io::Error::from)?;
     while let Some(entry) = walker.next() {
         if cancel.is_cancelled() {
@@ -89,7 +90,12 @@ pub fn write_archive<W: Write>(
             }
             FsKind::File => match fs.open_read(&entry.path) {
                 Ok((file, meta)) => {
-                    let reader = BufReader::with_capacity(FILE_BUFFER, file);
+                    let reader = Buffered {
+                        file,
+                        buf: &mut buffer,
+                        start: 0,
+                        end: 0,
+                    };
                     archive.add_file(&entry.path, meta.mode, meta.modified, meta.size, reader)?;
                 }
                 // Removed, or swapped for something else, since the walk saw it.
@@ -111,6 +117,28 @@ pub fn write_archive<W: Write>(
         files,
         content_bytes,
     })
+}
+
+/// Reads a file in large pieces into one buffer reused for every file (tar copies in small
+/// ones; a buffer per file would cost an allocation for each of many small files).
+struct Buffered<'a> {
+    file: std::fs::File,
+    buf: &'a mut [u8],
+    start: usize,
+    end: usize,
+}
+
+impl Read for Buffered<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = self.file.read(self.buf)?;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -209,7 +237,7 @@ pub fn extract(
                         },
                     )
                     .map_err(io::Error::from)?;
-                let mut out = BufWriter::with_capacity(FILE_BUFFER, file);
+                let mut out = file;
                 let mut left = size;
                 while left > 0 {
                     let n = data.read(
@@ -224,7 +252,7 @@ pub fn extract(
                     out.write_all(&buffer[..n])?;
                     left -= n as u64;
                 }
-                let file = out.into_inner().map_err(|e| e.into_error())?;
+                let file = out;
                 // Bits the umask took, or an owner without write permission (created writable
                 // so the content could be written).
                 if want & 0o022 != 0 || want & 0o200 == 0 {
@@ -270,5 +298,160 @@ fn refuse(done: &mut Extracted, path: &str, why: &str) {
     tracing::warn!(path, "restore refused an entry: {why}");
     if done.refused.len() < 100 {
         done.refused.push(format!("{path}: {why}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backups::format::WriteOptions;
+
+    fn digest_of(bytes: &[u8]) -> Digest {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(bytes);
+        Digest {
+            size: bytes.len() as u64,
+            sha256: hex::encode(ctx.finish().as_ref()),
+        }
+    }
+
+    fn server_fs(dir: &std::path::Path, limit: u64) -> ServerFs {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        ServerFs::open_root(dir, uid, gid, limit, &[]).unwrap()
+    }
+
+    fn quiet() -> Progress<impl FnMut(u64, u64)> {
+        Progress::new(Duration::from_secs(3600), |_, _| {})
+    }
+
+    /// A hand-made archive with every trick: nothing lands outside, the rest is created.
+    #[test]
+    fn extraction_refuses_escapes_links_and_devices() {
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |kind: tar::EntryType, path: &[u8], link: Option<&str>, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.as_old_mut().name[..path.len()].copy_from_slice(path);
+            if let Some(link) = link {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_cksum();
+            tar.append(&h, data).unwrap();
+        };
+        add(tar::EntryType::Regular, b"/tmp/mamba-evil-abs", None, b"x");
+        add(tar::EntryType::Regular, b"a/../../mamba-evil-dotdot", None, b"x");
+        add(tar::EntryType::Link, b"hard", Some("/etc/passwd"), b"");
+        add(tar::EntryType::Block, b"disk", None, b"");
+        add(tar::EntryType::Symlink, b"out", Some("../../outside"), b"");
+        add(tar::EntryType::Symlink, b"abs", Some("/etc"), b"");
+        add(tar::EntryType::Directory, b"ok", None, b"");
+        add(tar::EntryType::Regular, b"ok/file.txt", None, b"fine");
+        add(tar::EntryType::Symlink, b"ok/link", Some("file.txt"), b"");
+        let raw = tar.into_inner().unwrap();
+        let bytes = zstd::encode_all(&raw[..], 3).unwrap();
+        let parent = tempfile::tempdir().unwrap();
+        let root = parent.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let fs = server_fs(&root, u64::MAX);
+        let done = extract(
+            &fs,
+            &bytes[..],
+            None,
+            &digest_of(&bytes),
+            true,
+            &CancellationToken::new(),
+            &mut quiet(),
+        )
+        .unwrap();
+        assert_eq!(done.refused.len(), 6, "{:?}", done.refused);
+        assert_eq!(std::fs::read(root.join("ok/file.txt")).unwrap(), b"fine");
+        assert_eq!(
+            std::fs::read_link(root.join("ok/link")).unwrap(),
+            std::path::Path::new("file.txt")
+        );
+        for gone in ["hard", "disk", "out", "abs"] {
+            assert!(std::fs::symlink_metadata(root.join(gone)).is_err(), "{gone}");
+        }
+        assert!(!parent.path().join("mamba-evil-dotdot").exists());
+        assert!(!std::path::Path::new("/tmp/mamba-evil-abs").exists());
+    }
+
+    /// A round trip through the jail, then the same restore into a root with a smaller quota.
+    #[test]
+    fn round_trip_keeps_content_modes_and_links_and_counts_the_quota() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("world/region")).unwrap();
+        std::fs::write(src.path().join("world/region/r.0.0.mca"), vec![7u8; 300_000]).unwrap();
+        std::fs::write(src.path().join("run.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(
+            src.path().join("run.sh"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(src.path().join("skip.log"), b"x").unwrap();
+        std::os::unix::fs::symlink("world", src.path().join("w")).unwrap();
+        let options = WriteOptions {
+            level: 3,
+            threads: 0,
+            key: None,
+        };
+        let ignore = IgnoreList::new(&["*.log".into()]).unwrap();
+        let written = write_archive(
+            &server_fs(src.path(), u64::MAX),
+            &ignore,
+            &options,
+            Vec::new(),
+            &CancellationToken::new(),
+            &mut quiet(),
+        )
+        .unwrap();
+        assert_eq!(written.files, 2);
+        let dest = tempfile::tempdir().unwrap();
+        std::fs::write(dest.path().join("run.sh"), b"old").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dest.path().join("w")).unwrap();
+        let fs = server_fs(dest.path(), u64::MAX);
+        extract(
+            &fs,
+            &written.sink[..],
+            None,
+            &written.digest,
+            false,
+            &CancellationToken::new(),
+            &mut quiet(),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(dest.path().join("run.sh")).unwrap(), b"#!/bin/sh\n");
+        let mode = std::fs::metadata(dest.path().join("run.sh"))
+            .unwrap()
+            .permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o755);
+        assert_eq!(
+            std::fs::read_link(dest.path().join("w")).unwrap(),
+            std::path::Path::new("world")
+        );
+        assert_eq!(
+            std::fs::read(dest.path().join("world/region/r.0.0.mca"))
+                .unwrap()
+                .len(),
+            300_000
+        );
+        assert!(!dest.path().join("skip.log").exists());
+
+        let small = tempfile::tempdir().unwrap();
+        let fs = server_fs(small.path(), 100_000);
+        let err = extract(
+            &fs,
+            &written.sink[..],
+            None,
+            &written.digest,
+            true,
+            &CancellationToken::new(),
+            &mut quiet(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::QuotaExceeded, "{err}");
     }
 }
