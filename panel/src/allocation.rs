@@ -44,7 +44,8 @@ const UNIQUE_RETRIES: usize = 5;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
-    /// The lowest free (ip, port), in address then port order.
+    /// The port after the highest one given out on the address; once the range's top is
+    /// reached, the lowest free (ip, port), in address then port order.
     #[default]
     Sequential,
     /// A free (ip, port) picked at random within the pool.
@@ -695,20 +696,39 @@ fn reserve_once(
     }
 
     let pools = node_pools(conn, node)?;
-    let mut taken: HashSet<(String, u16)> = allocations::table
-        .filter(allocations::node_id.eq(node.as_str()))
-        .select((allocations::ip, allocations::port))
-        .load::<(String, i32)>(conn)?
-        .into_iter()
-        .map(|(ip, port)| (ip, u16::try_from(port).unwrap_or(0)))
-        .collect();
     let mut chosen: Vec<(&Pool, IpAddr, u16, &Vec<Protocol>)> = Vec::new();
-    for (i, needs) in request.ports.iter().enumerate() {
+    // First a few indexed lookups per port; only when they find nothing (a full range with
+    // holes, a crowded random pool) are all the node's allocations read.
+    let mut picked: HashSet<(IpAddr, u16)> = HashSet::new();
+    for needs in &request.ports {
         let preferred_ip = chosen.first().map(|c| c.1);
-        let pick = pick_port(&pools, &taken, needs, preferred_ip)
-            .ok_or_else(|| ReserveError::NoPorts(format!("port {} ({})", i + 1, protocols_text(needs))))?;
-        taken.insert((pick.1.to_string(), pick.2));
-        chosen.push((pick.0, pick.1, pick.2, needs));
+        match quick_pick(conn, node, &pools, needs, preferred_ip, &picked)? {
+            Some(pick) => {
+                picked.insert((pick.1, pick.2));
+                chosen.push((pick.0, pick.1, pick.2, needs));
+            }
+            None => {
+                chosen.clear();
+                break;
+            }
+        }
+    }
+    if chosen.len() != request.ports.len() {
+        let mut taken: HashSet<(IpAddr, u16)> = allocations::table
+            .filter(allocations::node_id.eq(node.as_str()))
+            .select((allocations::ip, allocations::port))
+            .load::<(String, i32)>(conn)?
+            .into_iter()
+            .filter_map(|(ip, port)| Some((ip.parse().ok()?, u16::try_from(port).ok()?)))
+            .collect();
+        for (i, needs) in request.ports.iter().enumerate() {
+            let preferred_ip = chosen.first().map(|c| c.1);
+            let pick = pick_port(&pools, &taken, needs, preferred_ip).ok_or_else(|| {
+                ReserveError::NoPorts(format!("port {} ({})", i + 1, protocols_text(needs)))
+            })?;
+            taken.insert((pick.1, pick.2));
+            chosen.push((pick.0, pick.1, pick.2, needs));
+        }
     }
 
     let server = ServerId::generate();
@@ -729,10 +749,12 @@ fn reserve_once(
             servers::updated_at.eq(now),
         ))
         .execute(conn)?;
+    let mut allocations = Vec::with_capacity(chosen.len());
     for (i, (pool, ip, port, needs)) in chosen.iter().enumerate() {
+        let id = AllocationId::generate();
         diesel::insert_into(allocations::table)
             .values((
-                allocations::id.eq(AllocationId::generate().as_str()),
+                allocations::id.eq(id.as_str()),
                 allocations::node_id.eq(node.as_str()),
                 allocations::pool_id.eq(pool.id.as_str()),
                 allocations::ip.eq(ip.to_string()),
@@ -744,8 +766,19 @@ fn reserve_once(
                 allocations::created_at.eq(now),
             ))
             .execute(conn)?;
+        allocations.push(Allocation {
+            id,
+            node_id: node.clone(),
+            pool_id: pool.id.clone(),
+            ip: ip.to_string(),
+            port: *port,
+            protocols: parse_protocols(&protocols_text(needs)),
+            server_id: server.clone(),
+            tenant_id: scope.tenant().to_string(),
+            is_primary: i == 0,
+            created_at: now,
+        });
     }
-    let allocations = server_allocations(conn, &server)?;
     audit::record(
         conn,
         scope.actor(),
@@ -768,11 +801,89 @@ fn reserve_once(
     })
 }
 
+/// How many addresses of a pool, and random probes, the indexed fast path tries.
+const QUICK_TRIES: u128 = 8;
+
+/// The fast path of picking a port, with indexed lookups only: for a sequential pool the
+/// port after the highest one given out on an address, for a random pool a few random
+/// probes. `None` sends the caller to the full scan ([`pick_port`]), which also fills holes.
+fn quick_pick<'a>(
+    conn: &mut DbConnection,
+    node: &NodeId,
+    pools: &'a [Pool],
+    needs: &[Protocol],
+    preferred_ip: Option<IpAddr>,
+    picked: &HashSet<(IpAddr, u16)>,
+) -> QueryResult<Option<(&'a Pool, IpAddr, u16)>> {
+    let mut usable: Vec<(&Pool, IpSpec)> = pools
+        .iter()
+        .filter(|p| needs.iter().all(|n| p.protocols.contains(n)))
+        .filter_map(|p| IpSpec::parse(&p.ips).ok().map(|s| (p, s)))
+        .collect();
+    let holds = |spec: &IpSpec, ip: IpAddr| match spec {
+        IpSpec::Wildcard(w) => *w == ip,
+        IpSpec::Net(net) => net.contains(&ip),
+    };
+    if let Some(ip) = preferred_ip {
+        usable.sort_by_key(|(_, spec)| !holds(spec, ip));
+    }
+    for (pool, spec) in usable {
+        let ips: Vec<IpAddr> = match preferred_ip.filter(|ip| holds(&spec, *ip)) {
+            Some(ip) => vec![ip],
+            None => (0..spec.count().min(QUICK_TRIES)).map(|i| spec.at(i)).collect(),
+        };
+        let (start, end) = (i32::from(pool.port_start), i32::from(pool.port_end));
+        match pool.strategy {
+            Strategy::Sequential => {
+                for ip in ips {
+                    let highest: Option<i32> = allocations::table
+                        .filter(allocations::node_id.eq(node.as_str()))
+                        .filter(allocations::ip.eq(ip.to_string()))
+                        .filter(allocations::port.between(start, end))
+                        .select(diesel::dsl::max(allocations::port))
+                        .first(conn)?;
+                    let mut next = highest.map_or(start, |h| h + 1);
+                    while next <= end {
+                        let port = u16::try_from(next).unwrap_or(0);
+                        if !picked.contains(&(ip, port)) {
+                            return Ok(Some((pool, ip, port)));
+                        }
+                        next += 1;
+                    }
+                }
+            }
+            Strategy::Random => {
+                let ports = u128::from(pool.port_end - pool.port_start) + 1;
+                let preferred = preferred_ip.filter(|ip| holds(&spec, *ip));
+                let addresses = if preferred.is_some() { 1 } else { spec.count() };
+                for _ in 0..QUICK_TRIES {
+                    let k = random_below(addresses * ports);
+                    let ip = preferred.unwrap_or_else(|| spec.at(k / ports));
+                    let port = pool.port_start + u16::try_from(k % ports).unwrap_or(0);
+                    if picked.contains(&(ip, port)) {
+                        continue;
+                    }
+                    let used: i64 = allocations::table
+                        .filter(allocations::node_id.eq(node.as_str()))
+                        .filter(allocations::ip.eq(ip.to_string()))
+                        .filter(allocations::port.eq(i32::from(port)))
+                        .count()
+                        .get_result(conn)?;
+                    if used == 0 {
+                        return Ok(Some((pool, ip, port)));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// A free (ip, port) in a pool that serves every protocol in `needs`, on `preferred_ip`
 /// when one is free there.
 fn pick_port<'a>(
     pools: &'a [Pool],
-    taken: &HashSet<(String, u16)>,
+    taken: &HashSet<(IpAddr, u16)>,
     needs: &[Protocol],
     preferred_ip: Option<IpAddr>,
 ) -> Option<(&'a Pool, IpAddr, u16)> {
@@ -781,7 +892,7 @@ fn pick_port<'a>(
         .filter(|p| needs.iter().all(|n| p.protocols.contains(n)))
         .filter_map(|p| IpSpec::parse(&p.ips).ok().map(|s| (p, s)))
         .collect();
-    let free = |ip: IpAddr, port: u16| !taken.contains(&(ip.to_string(), port));
+    let free = |ip: IpAddr, port: u16| !taken.contains(&(ip, port));
     if let Some(ip) = preferred_ip {
         for (pool, spec) in &usable {
             let same = match spec {
@@ -993,7 +1104,7 @@ mod tests {
         let mut taken = HashSet::new();
         let p = pick_port(&pools, &taken, &[Protocol::Tcp], None).unwrap();
         assert_eq!((p.1.to_string(), p.2), ("10.0.0.1".into(), 100));
-        taken.insert(("10.0.0.1".to_string(), 100));
+        taken.insert(("10.0.0.1".parse().unwrap(), 100));
         let p = pick_port(&pools, &taken, &[Protocol::Udp], None).unwrap();
         assert_eq!((p.1.to_string(), p.2), ("10.0.0.1".into(), 200));
         // With a primary on .2, the next port comes from .2 as well.
@@ -1001,7 +1112,7 @@ mod tests {
         let p = pick_port(&pools, &taken, &[Protocol::Udp], Some(ip)).unwrap();
         assert_eq!((p.1.to_string(), p.2), ("10.0.0.2".into(), 200));
         for k in [(1, 200), (1, 201), (2, 200), (2, 201)] {
-            taken.insert((format!("10.0.0.{}", k.0), k.1));
+            taken.insert((format!("10.0.0.{}", k.0).parse().unwrap(), k.1));
         }
         assert!(pick_port(&pools, &taken, &[Protocol::Udp], None).is_none());
     }
@@ -1013,7 +1124,7 @@ mod tests {
         for _ in 0..100 {
             let p = pick_port(&pools, &taken, &[Protocol::Tcp], None).unwrap();
             assert!((3000..=3099).contains(&p.2));
-            assert!(taken.insert((p.1.to_string(), p.2)), "never the same port twice");
+            assert!(taken.insert((p.1, p.2)), "never the same port twice");
         }
         assert!(pick_port(&pools, &taken, &[Protocol::Tcp], None).is_none());
     }

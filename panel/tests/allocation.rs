@@ -333,17 +333,27 @@ async fn release_on_delete_and_decommission_and_the_leak_scanner(t: TestDb) {
         1
     );
     let c = allocation::place(&mut conn, &scope, &req, &meta()).unwrap();
-    assert_eq!(c.allocations[0].port, 50000, "the freed port is reused");
+    assert_eq!(
+        c.allocations[0].port, 50002,
+        "sequential goes on after the highest port"
+    );
 
-    // A server that vanished without releasing (as a deleted tenant's would) leaks its port.
+    // A server that vanished without releasing (as a deleted tenant's would) leaks its port:
+    // its memory is free again, its port is not.
     diesel::delete(servers_table::table.find(b.server_id.as_str()))
         .execute(&mut *conn)
         .unwrap();
+    let d = allocation::place(&mut conn, &scope, &req, &meta()).unwrap();
+    assert_eq!(
+        d.allocations[0].port, 50000,
+        "at the top of the range, holes are filled"
+    );
     let report = allocation::scan_leaks(&mut conn, false, &Actor::System, &meta()).unwrap();
     assert_eq!(report.released, 0);
     assert_eq!(report.leaked.len(), 1);
     assert_eq!(report.leaked[0].server_id, b.server_id);
-    assert_eq!(all_ports(&t.db).len(), 2, "report mode changes nothing");
+    assert_eq!(report.leaked[0].port, 50001);
+    assert_eq!(all_ports(&t.db).len(), 3, "report mode changes nothing");
     let report = allocation::scan_leaks(&mut conn, true, &Actor::System, &meta()).unwrap();
     assert_eq!((report.leaked.len(), report.released), (1, 1));
     assert!(
@@ -352,7 +362,7 @@ async fn release_on_delete_and_decommission_and_the_leak_scanner(t: TestDb) {
             .leaked
             .is_empty()
     );
-    assert_eq!(all_ports(&t.db).len(), 1);
+    assert_eq!(all_ports(&t.db).len(), 2);
 
     // Decommissioning releases every allocation and pool, and the node takes nothing more.
     let done = nodes::decommission(&mut conn, &n, &Actor::System, &meta()).unwrap();
@@ -362,7 +372,7 @@ async fn release_on_delete_and_decommission_and_the_leak_scanner(t: TestDb) {
             done.removed_pools,
             done.stranded_servers
         ),
-        (1, 1, 1)
+        (2, 1, 2)
     );
     assert!(all_ports(&t.db).is_empty());
     assert!(
@@ -385,6 +395,7 @@ async fn release_on_delete_and_decommission_and_the_leak_scanner(t: TestDb) {
         "node_has_servers"
     );
     servers::delete(&mut conn, &scope, &c.server_id, &meta()).unwrap();
+    servers::delete(&mut conn, &scope, &d.server_id, &meta()).unwrap();
     nodes::delete(&mut conn, &n, &Actor::System, &meta()).unwrap();
 }
 
