@@ -5,6 +5,7 @@
 
 pub mod blueprint;
 pub mod error;
+pub mod files_api;
 pub mod ids;
 pub mod node_api;
 pub mod pki;

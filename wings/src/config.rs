@@ -210,6 +210,26 @@ pub struct FilesConfig {
     pub disk_check_interval_secs: u64,
     /// What happens to a running server found over its quota.
     pub overfill_action: OverfillAction,
+    /// Most entries one `list` page may hold (`per_page`).
+    pub list_max_per_page: usize,
+    /// Decompressing stops when the bytes written pass this many times the archive's size.
+    pub decompress_max_ratio: u64,
+    /// Decompressing stops after this many entries.
+    pub decompress_max_entries: u64,
+    /// `search` stops after this many hits, and after looking at `search_max_entries`.
+    pub search_max_results: usize,
+    pub search_max_entries: usize,
+    /// Whether `POST files/pull` is allowed at all.
+    pub pull_enabled: bool,
+    /// Largest download a pull may write, in bytes (the disk quota applies as well).
+    pub pull_max_bytes: u64,
+    /// A pull is cancelled after this many seconds.
+    pub pull_timeout_secs: u64,
+    /// Pulls running at once per server.
+    pub pull_max_concurrent: usize,
+    /// Networks (CIDR) a pull may reach although they are private, loopback or link-local,
+    /// for example an internal mirror. Empty: only public addresses.
+    pub pull_allowed_networks: Vec<String>,
 }
 
 impl Default for FilesConfig {
@@ -217,6 +237,16 @@ impl Default for FilesConfig {
         FilesConfig {
             disk_check_interval_secs: 5,
             overfill_action: OverfillAction::Stop,
+            list_max_per_page: 100_000,
+            decompress_max_ratio: 200,
+            decompress_max_entries: 200_000,
+            search_max_results: 1000,
+            search_max_entries: 1_000_000,
+            pull_enabled: true,
+            pull_max_bytes: 16 * 1024 * 1024 * 1024,
+            pull_timeout_secs: 3600,
+            pull_max_concurrent: 3,
+            pull_allowed_networks: Vec::new(),
         }
     }
 }
@@ -441,7 +471,8 @@ impl Config {
         if self.crash_guard.max_attempts == 0 {
             return bad("crash_guard.max_attempts must be at least 1");
         }
-        if !(1..=3600).contains(&self.files.disk_check_interval_secs) {
+        let files = &self.files;
+        if !(1..=3600).contains(&files.disk_check_interval_secs) {
             return bad("files.disk_check_interval_secs must be between 1 and 3600");
         }
         let sftp = &self.sftp;
@@ -458,6 +489,25 @@ impl Config {
             return bad(
                 "sftp limits (connections, attempts, failed logins, windows, timeouts, requests_in_flight) must be at least 1",
             );
+        }
+        if files.list_max_per_page == 0
+            || files.decompress_max_ratio == 0
+            || files.decompress_max_entries == 0
+            || files.search_max_results == 0
+            || files.search_max_entries == 0
+            || files.pull_timeout_secs == 0
+            || files.pull_max_concurrent == 0
+        {
+            return bad("files: limits must be at least 1");
+        }
+        if let Some(bad_net) = files
+            .pull_allowed_networks
+            .iter()
+            .find(|n| crate::files::pull::parse_network(n).is_none())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "files.pull_allowed_networks: {bad_net:?} is not a CIDR network (like 10.1.2.0/24)"
+            )));
         }
         if self.docker.network.is_empty() {
             return bad("docker.network must not be empty");

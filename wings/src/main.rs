@@ -133,6 +133,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         });
         let sftp_config = config.sftp.clone();
         let host_key = host_key_path(&config.sftp, &config.system.data_dir);
+        let pull_client = mamba_wings::files::pull::client(&config.files)?;
         let manager = Manager::start(config).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
         let sftp_task = if sftp_config.enabled {
@@ -153,6 +154,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             system: SystemProbe::default(),
             tokens,
             websocket,
+            pull_client,
         });
         let server = HttpServer::new(move || {
             App::new()

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mamba_shared::files_api::SignedUrlClaims;
 use mamba_shared::ids::ServerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -51,7 +52,7 @@ pub enum TokenError {
     Invalid(String),
     #[error("the token is for another server")]
     WrongServer,
-    #[error("the token is not a console token")]
+    #[error("the token is not for this purpose")]
     WrongScope,
     #[error("the token was issued before the current signing key")]
     BeforeKey,
@@ -59,6 +60,8 @@ pub enum TokenError {
     TooLong,
     #[error("the token has been revoked")]
     Revoked,
+    #[error("the token has already been used")]
+    Used,
 }
 
 /// A revocation that live sockets must act on.
@@ -82,6 +85,10 @@ pub struct TokenVerifier {
     path: PathBuf,
     revocations: Mutex<Revocations>,
     events: broadcast::Sender<Revocation>,
+    /// Ids of signed-URL tokens already used, with their expiry, kept in
+    /// `<data_dir>/used-tokens.json` so a restart does not make them usable again.
+    used: Mutex<BTreeMap<String, u64>>,
+    used_path: PathBuf,
 }
 
 impl std::fmt::Debug for TokenVerifier {
@@ -132,12 +139,22 @@ impl TokenVerifier {
             Err(_) => Revocations::default(),
         };
         let (events, _) = broadcast::channel(256);
+        let used_path = data_dir.join("used-tokens.json");
+        let used = match std::fs::read(&used_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::error!(path = %used_path.display(), "unreadable used-token list, starting empty: {e}");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
         Ok(TokenVerifier {
             key,
             config: config.clone(),
             path,
             revocations: Mutex::new(revocations),
             events,
+            used: Mutex::new(used),
+            used_path,
         })
     }
 
@@ -180,6 +197,71 @@ impl TokenVerifier {
         }
         if self.is_revoked(&claims) {
             return Err(TokenError::Revoked);
+        }
+        Ok(claims)
+    }
+
+    /// Checks a signed-URL token: signature, lifetime, `scope`, revocations, and that it was
+    /// never used (the server and file it is for are in its claims); then records it as used (saved before this returns), so it
+    /// is refused from now on, also after a restart.
+    pub fn redeem_signed_url(&self, token: &str, scope: &str) -> Result<SignedUrlClaims, TokenError> {
+        let key = self.key.as_ref().ok_or(TokenError::NoKey)?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp", "iat", "sub"]);
+        validation.validate_aud = false;
+        let claims = jsonwebtoken::decode::<SignedUrlClaims>(token, key, &validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid(e.to_string()),
+            })?
+            .claims;
+        let now = now_secs();
+        if claims.exp <= now {
+            return Err(TokenError::Expired);
+        }
+        if claims.scope != scope {
+            return Err(TokenError::WrongScope);
+        }
+        if claims.iat > now + 60 {
+            return Err(TokenError::Invalid("iat is in the future".into()));
+        }
+        if claims.iat < self.config.not_before {
+            return Err(TokenError::BeforeKey);
+        }
+        if claims.exp.saturating_sub(claims.iat) > self.config.max_lifetime_secs {
+            return Err(TokenError::TooLong);
+        }
+        if claims.jti.is_empty() || claims.jti.len() > 256 {
+            return Err(TokenError::Invalid("jti must be 1 to 256 bytes".into()));
+        }
+        {
+            let revocations = self.revocations.lock().unwrap_or_else(|p| p.into_inner());
+            let deauthorized = revocations
+                .deauthorized
+                .get(&claims.server)
+                .and_then(|users| users.get(&claims.sub))
+                .is_some_and(|&at| claims.iat <= at);
+            if revocations.denied.contains_key(&claims.jti) || deauthorized {
+                return Err(TokenError::Revoked);
+            }
+        }
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.contains_key(&claims.jti) {
+            return Err(TokenError::Used);
+        }
+        used.insert(claims.jti.clone(), claims.exp);
+        used.retain(|_, exp| *exp > now);
+        let saved = serde_json::to_vec(&*used)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomically(&self.used_path, &bytes));
+        if let Err(e) = saved {
+            // Unsaved, the token could be replayed after a restart: refuse it instead.
+            used.remove(&claims.jti);
+            tracing::error!("cannot save the used-token list: {e}");
+            return Err(TokenError::Invalid(
+                "this node cannot record token use right now".into(),
+            ));
         }
         Ok(claims)
     }

@@ -121,7 +121,7 @@ async fn tokens_are_refused_for_every_reason() {
         auth(&token(&other, ALL)),
         expect_contains("jwt error", "another server"),
         auth(&sign(&wrong_scope)),
-        expect_contains("jwt error", "not a console token"),
+        expect_contains("jwt error", "not for this purpose"),
         auth(&sign(&before_key)),
         expect_contains("jwt error", "before the current signing key"),
         auth(&sign(&too_long)),

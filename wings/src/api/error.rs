@@ -6,9 +6,13 @@ use actix_web::{HttpResponse, ResponseError};
 use mamba_shared::blueprint::FieldError;
 use mamba_shared::error::{ErrorBody, ErrorEnvelope};
 
+use crate::files::FsError;
+use crate::files::archive::ArchiveError;
+use crate::files::pull::PullError;
 use crate::rcon::RconError;
 use crate::server::ServerError;
 use crate::server::manager::CreateError;
+use crate::tokens::TokenError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -120,5 +124,74 @@ impl From<ServerError> for ApiError {
                 ApiError::new(status, "rcon", e.to_string())
             }
         }
+    }
+}
+
+impl From<FsError> for ApiError {
+    fn from(e: FsError) -> ApiError {
+        let message = e.to_string();
+        let (status, code) = match e {
+            FsError::BadPath(_) | FsError::Escape(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            FsError::Symlink(_) => (StatusCode::BAD_REQUEST, "symlink"),
+            FsError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            FsError::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            FsError::NotAFile(_) | FsError::NotADirectory(_) | FsError::IsADirectory(_) => {
+                (StatusCode::BAD_REQUEST, "wrong_kind")
+            }
+            FsError::NotEmpty(_) => (StatusCode::CONFLICT, "not_empty"),
+            FsError::Denied(_) => (StatusCode::FORBIDDEN, "denied"),
+            FsError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            FsError::QuotaExceeded { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "quota_exceeded"),
+            FsError::Io { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "io"),
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<ArchiveError> for ApiError {
+    fn from(e: ArchiveError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            ArchiveError::Files(e) => e.into(),
+            ArchiveError::Unsafe { .. } => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "unsafe_archive", message)
+            }
+            ArchiveError::Bomb(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "archive_too_large", message)
+            }
+            ArchiveError::Unsupported(_) => {
+                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_archive", message)
+            }
+            ArchiveError::Corrupt(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "corrupt_archive", message)
+            }
+        }
+    }
+}
+
+impl From<PullError> for ApiError {
+    fn from(e: PullError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            PullError::Files(e) => e.into(),
+            PullError::BadUrl(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_url", message),
+            PullError::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden_address", message),
+            PullError::Disabled => ApiError::new(StatusCode::FORBIDDEN, "pull_disabled", message),
+            PullError::TooMany(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_pulls", message),
+            PullError::Remote(_) => ApiError::new(StatusCode::BAD_GATEWAY, "remote", message),
+            PullError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message),
+            PullError::Cancelled => ApiError::new(StatusCode::CONFLICT, "cancelled", message),
+            PullError::TimedOut(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timed_out", message),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> ApiError {
+        let status = match e {
+            TokenError::Invalid(_) | TokenError::Expired | TokenError::NoKey => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::FORBIDDEN,
+        };
+        ApiError::new(status, "token_rejected", e.to_string())
     }
 }

@@ -5,7 +5,9 @@
 //! the main runtime. They never talk to Docker themselves.
 
 pub mod backups;
+pub mod backup_download;
 pub mod error;
+pub mod files;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub struct AppState {
     pub system: SystemProbe,
     pub tokens: Arc<TokenVerifier>,
     pub websocket: Arc<SessionSettings>,
+    /// The HTTP client for `files/pull`, which only ever connects to allowed addresses.
+    pub pull_client: reqwest::Client,
 }
 
 impl AppState {
@@ -76,6 +80,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
     )
     // Console sockets authenticate in-band with the panel's signed token, not the node token.
     .route("/api/servers/{id}/ws", web::get().to(websocket::connect))
+    // Signed URLs carry a single-use token from the panel in `?token=`.
+    .configure(files::signed_routes)
     .service(
         web::scope("/api")
             .wrap(from_fn(require_token))
@@ -92,7 +98,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
             .route("/servers/{id}/logs", web::get().to(logs))
             .route("/servers/{id}/reinstall", web::post().to(reinstall))
             .route("/servers/{id}/install-logs", web::get().to(install_logs))
-            .configure(backups::routes),
+            .configure(backups::routes)
+            .configure(files::routes),
     )
     .default_service(web::to(|req: HttpRequest| async move {
         Err::<HttpResponse, _>(ApiError::new(

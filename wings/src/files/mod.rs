@@ -12,7 +12,10 @@
 //! moment it would pass the limit without walking the tree. A periodic walk
 //! ([`ServerFs::recount`]) corrects the counter for what the container wrote from inside.
 
+pub mod archive;
 mod jail;
+pub mod pull;
+pub mod stream;
 mod walk;
 
 use std::ffi::CString;

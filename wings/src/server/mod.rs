@@ -110,6 +110,8 @@ pub struct Server {
     state_dir: PathBuf,
     root_dir: PathBuf,
     files: ServerFs,
+    /// Downloads from URLs into this server (`POST files/pull`).
+    pub pulls: Arc<crate::files::pull::Pulls>,
     /// Open console sockets, limited by `websocket.max_sockets_per_server`.
     pub sockets: AtomicUsize,
     /// Cancelled when the server is deleted, so sockets and samplers let go of it.
@@ -171,6 +173,7 @@ impl Server {
             state_dir,
             root_dir,
             files,
+            pulls: Arc::default(),
             sockets: AtomicUsize::new(0),
             deleted: tokio_util::sync::CancellationToken::new(),
             stats: stats::Stats::default(),
@@ -1130,6 +1133,7 @@ impl Server {
     async fn destroy(&self) -> Result<(), String> {
         self.expecting_exit.store(true, Ordering::SeqCst);
         self.deleted.cancel();
+        self.pulls.cancel_all();
         let spec = self.spec();
         for name in [spec.container_name(), spec.install_container_name()] {
             self.ctx.docker.remove(&name).await.map_err(|e| e.to_string())?;
