@@ -550,6 +550,21 @@ impl ServerFs {
         Ok(())
     }
 
+    /// A missing file in a denied folder reached through a link is "denied", not "not found",
+    /// so the denylist answers the same whether the file exists or not.
+    fn denied_or(&self, rel: &str, e: FsError) -> FsError {
+        if !matches!(e, FsError::NotFound(_)) || !self.enforce_denylist || self.denylist().is_empty() {
+            return e;
+        }
+        match self.parent_of(rel) {
+            Ok((parent, name)) => match self.check_denied(rel, Some((&parent, Some(name))), false) {
+                Err(denied) => denied,
+                Ok(()) => e,
+            },
+            Err(_) => e,
+        }
+    }
+
     /// The server path an open handle really refers to.
     fn resolved_path(&self, fd: &OwnedFd) -> Option<String> {
         use std::os::fd::AsRawFd;
@@ -607,7 +622,10 @@ impl ServerFs {
     /// Opens a regular file for reading (symlinks inside the root are followed).
     pub fn open_read(&self, rel: &str) -> FsResult<(File, Metadata)> {
         let rel = clean_path(rel)?;
-        let fd = self.open_beneath(rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+        self.check_denied(rel, None, false)?;
+        let fd = self
+            .open_beneath(rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+            .map_err(|e| self.denied_or(rel, e))?;
         self.check_denied(rel, Some((&fd, None)), false)?;
         let st = rustix::fs::fstat(&fd).map_err(|e| FsError::from_errno(rel, e))?;
         let meta = Metadata::from_stat(&st);
@@ -720,6 +738,7 @@ impl ServerFs {
     pub fn open(&self, rel: &str, opts: &OpenOptions) -> FsResult<FsFile> {
         let rel = clean_path(rel)?;
         let writes = opts.write || opts.append || opts.truncate;
+        self.check_denied(rel, None, false)?;
         let mut flags = match (opts.read, writes) {
             (true, true) => OFlags::RDWR,
             (false, true) => OFlags::WRONLY,

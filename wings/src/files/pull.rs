@@ -294,6 +294,8 @@ pub struct PullJob {
     client: reqwest::Client,
     url: url::Url,
     pub target: String,
+    /// The hidden file the download goes to until it is complete.
+    tmp: String,
     pub id: String,
     bytes: Arc<AtomicU64>,
     cancel: CancellationToken,
@@ -379,6 +381,7 @@ pub fn prepare(
         fs: fs.clone(),
         client,
         url,
+        tmp: temp_sibling(&target, "pull")?,
         target,
         id,
         bytes,
@@ -414,6 +417,7 @@ impl PullJob {
         let cancel = self.cancel.clone();
         let pulls = self.pulls.clone();
         let id = self.id.clone();
+        let (self_fs, self_tmp) = (self.fs.clone(), self.tmp.clone());
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, self.download()) => {
                 r.unwrap_or(Err(PullError::TimedOut(timeout.as_secs())))
@@ -421,6 +425,11 @@ impl PullJob {
             () = cancel.cancelled() => Err(PullError::Cancelled),
         };
         pulls.lock().remove(&id);
+        if result.is_err() {
+            // Cancelled or timed out mid-download: the partial file goes.
+            let (fs, tmp) = (self_fs, self_tmp);
+            let _ = tokio::task::spawn_blocking(move || fs.remove_file(&tmp)).await;
+        }
         result
     }
 
@@ -450,7 +459,7 @@ impl PullJob {
         if let Some(r) = self.pulls.lock().get_mut(&self.id) {
             r.view.total = total;
         }
-        let tmp = temp_sibling(&self.target, "pull")?;
+        let tmp = self.tmp.clone();
         let fs = self.fs.clone();
         let tmp_for_open = tmp.clone();
         let file = tokio::task::spawn_blocking(move || {
