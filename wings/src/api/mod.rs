@@ -4,8 +4,8 @@
 //! API boundary: handlers parse and check input, then hand the work to the server actors on
 //! the main runtime. They never talk to Docker themselves.
 
-pub mod backups;
 pub mod backup_download;
+pub mod backups;
 pub mod error;
 pub mod files;
 
