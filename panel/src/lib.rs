@@ -4,7 +4,8 @@
 //! the blocking pool), `ids` (typed ids), `audit` (append-only log written in the same
 //! transaction as each change), `users`, `password` (argon2id), `pagination` (cursors),
 //! `request_meta` (client address behind trusted proxies), `events` (the cross-replica event
-//! bus), `metrics` and `http` (actix-web
+//! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
+//! and `eggs` (the blueprint registry and the egg importer), `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
 pub mod allocation;
