@@ -5,7 +5,8 @@
 //! transaction as each change), `users`, `password` (argon2id), `pagination` (cursors),
 //! `request_meta` (client address behind trusted proxies), `events` (the cross-replica event
 //! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
-//! and `eggs` (the blueprint registry and the egg importer), `metrics` and `http` (actix-web
+//! and `eggs` (the blueprint registry and the egg importer), `metrics_store` (servers' samples
+//! and hourly rollups), `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
 pub mod allocation;
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod keys;
 pub mod mail;
 pub mod metrics;
+pub mod metrics_store;
 pub mod nodes;
 pub mod openapi;
 pub mod pagination;

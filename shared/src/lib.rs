@@ -7,6 +7,7 @@ pub mod blueprint;
 pub mod error;
 pub mod files_api;
 pub mod ids;
+pub mod metrics;
 pub mod node_api;
 pub mod pki;
 pub mod rules;

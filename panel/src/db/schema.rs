@@ -281,3 +281,56 @@ diesel::table! {
         updated_at -> BigInt,
     }
 }
+
+diesel::table! {
+    metric_samples (server_id, sampled_at) {
+        server_id -> Text,
+        sampled_at -> BigInt,
+        node_id -> Text,
+        tenant_id -> Text,
+        cpu_millicores -> BigInt,
+        memory_mb -> BigInt,
+        egress_bytes -> BigInt,
+        disk_bytes -> BigInt,
+        uptime_s -> BigInt,
+        received_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    metric_dirty_hours (server_id, hour_start) {
+        server_id -> Text,
+        hour_start -> BigInt,
+    }
+}
+
+diesel::table! {
+    metric_hourly (server_id, hour_start) {
+        server_id -> Text,
+        hour_start -> BigInt,
+        tenant_id -> Text,
+        node_id -> Text,
+        sample_count -> BigInt,
+        cpu_millicores_avg -> BigInt,
+        cpu_millicores_max -> BigInt,
+        memory_mb_avg -> BigInt,
+        memory_mb_max -> BigInt,
+        disk_bytes_max -> BigInt,
+        disk_bytes_last -> BigInt,
+        egress_bytes -> BigInt,
+        uptime_s_last -> BigInt,
+        first_sampled_at -> BigInt,
+        last_sampled_at -> BigInt,
+        computed_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    metric_rollup_state (id) {
+        id -> Integer,
+        runs -> BigInt,
+        rolled_up_to -> BigInt,
+        last_run_at -> BigInt,
+        ingests -> BigInt,
+    }
+}
