@@ -332,30 +332,47 @@ async fn main() {
     let fleet = setup(&db, &args);
     let now = mamba_panel::db::now_ms();
     // Samples of the previous hour, 30 s apart, so one rollup covers them all.
-    assert!(args.rounds <= 120, "at most 120 rounds (one hour of 30 s samples)");
+    assert!(
+        args.rounds <= 120,
+        "at most 120 rounds (one hour of 30 s samples)"
+    );
     let base = metrics_store::hour_of(now) - HOUR_MS;
 
-    let store = run(&db, &fleet, args.rounds, base, &database, |conn, node, _tenant, samples| {
-        let report =
-            metrics_store::ingest_batch(conn, node, samples, Retention::default(), mamba_panel::db::now_ms())
-                .unwrap();
-        assert!(report.refused.is_empty(), "{:?}", report.refused.first());
-        usize::try_from(report.stored).unwrap()
-    })
+    let store = run(
+        &db,
+        &fleet,
+        args.rounds,
+        base,
+        &database,
+        |conn, node, _tenant, samples| {
+            let report = metrics_store::ingest_batch(
+                conn,
+                node,
+                samples,
+                Retention::default(),
+                mamba_panel::db::now_ms(),
+            )
+            .unwrap();
+            assert!(report.refused.is_empty(), "{:?}", report.refused.first());
+            usize::try_from(report.stored).unwrap()
+        },
+    )
     .await;
     // The same batches again: a re-delivery stores nothing.
     let again = run(&db, &fleet, 1, base, &database, |conn, node, _tenant, samples| {
-        let report =
-            metrics_store::ingest_batch(conn, node, samples, Retention::default(), mamba_panel::db::now_ms())
-                .unwrap();
+        let report = metrics_store::ingest_batch(
+            conn,
+            node,
+            samples,
+            Retention::default(),
+            mamba_panel::db::now_ms(),
+        )
+        .unwrap();
         usize::try_from(report.stored).unwrap()
     })
     .await;
     assert_eq!(again.samples, 0, "a re-delivered batch stored samples");
-    let baseline = run(&db, &fleet, args.rounds, base, &database, |conn, node, tenant, samples| {
-        baseline_insert(conn, node, tenant, samples)
-    })
-    .await;
+    let baseline = run(&db, &fleet, args.rounds, base, &database, baseline_insert).await;
     assert_eq!(store.samples, baseline.samples);
 
     let (cpu0, db0) = (own_cpu_s(), backend_ticks(&database));
