@@ -16,6 +16,8 @@ dir=$(mktemp -d)
 export PANEL_MASTER_KEY
 PANEL_MASTER_KEY=$(head -c 32 /dev/urandom | base64)
 export DATABASE_URL="sqlite://$dir/panel.db" PANEL_HTTP__LISTEN="127.0.0.1:$port"
+# The node listener is not in the OpenAPI document (nodes, not people, use it); it only needs a free port.
+export PANEL_NODE_LISTENER__LISTEN="127.0.0.1:$((port + 1))"
 export PANEL_AUTH__ARGON2_MEMORY_KIB=8192 PANEL_AUTH__ARGON2_ITERATIONS=1
 
 password=$("$target/debug/panel" admin create-user --email fuzz@example.test | sed -n 's/^password: //p')

@@ -25,6 +25,7 @@ pub struct Config {
     pub api_keys: ApiKeyConfig,
     pub plans: PlanConfig,
     pub blueprints: BlueprintsConfig,
+    pub node_listener: NodeListenerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +43,28 @@ impl Default for BlueprintsConfig {
         BlueprintsConfig {
             dir: "blueprints".into(),
             max_import_bytes: 2 * 1024 * 1024,
+        }
+    }
+}
+
+/// The listener nodes talk to: mutual TLS with certificates from the panel's own CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeListenerConfig {
+    /// Address the node listener binds.
+    pub listen: SocketAddr,
+    /// The address nodes reach it at: what `wings enroll --panel` is given.
+    pub public_url: String,
+    /// Days a node certificate is valid; nodes renew at two thirds of that.
+    pub certificate_days: u64,
+}
+
+impl Default for NodeListenerConfig {
+    fn default() -> Self {
+        NodeListenerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8091)),
+            public_url: "https://127.0.0.1:8091".into(),
+            certificate_days: 30,
         }
     }
 }
@@ -305,6 +328,12 @@ impl Config {
         }
         if self.auth.session_hours == 0 || self.auth.refresh_days == 0 || self.auth.link_hours == 0 {
             return bad("auth.session_hours, auth.refresh_days and auth.link_hours must be at least 1");
+        }
+        if !self.node_listener.public_url.starts_with("https://") {
+            return bad("node_listener.public_url must start with https://");
+        }
+        if self.node_listener.certificate_days == 0 || self.node_listener.certificate_days > 397 {
+            return bad("node_listener.certificate_days must be between 1 and 397");
         }
         if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");

@@ -6,7 +6,8 @@
 //! `request_meta` (client address behind trusted proxies), `events` (the cross-replica event
 //! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
 //! and `eggs` (the blueprint registry and the egg importer), `metrics_store` (servers' samples
-//! and hourly rollups), `metrics` and `http` (actix-web
+//! and hourly rollups), `node_pki` (the node CA, enrollment tokens and node certificates),
+//! `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
 pub mod allocation;
@@ -26,6 +27,7 @@ pub mod keys;
 pub mod mail;
 pub mod metrics;
 pub mod metrics_store;
+pub mod node_pki;
 pub mod nodes;
 pub mod openapi;
 pub mod pagination;

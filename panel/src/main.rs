@@ -120,15 +120,21 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
     state.events.spawn_logger();
     let metrics = Metrics::new()?;
     metrics.register_events(state.events.metrics())?;
+    let node_listen = state.config.node_listener.listen;
+    mamba_panel::node_pki::spawn_maintenance(state.pki.clone(), state.db.clone());
     let state = web::Data::new(state);
     let metrics = web::Data::new(metrics);
-    tracing::info!(%listen, "panel listening");
-    HttpServer::new(move || app(state.clone(), metrics.clone()))
+    let node_listener = std::net::TcpListener::bind(node_listen)
+        .with_context(|| format!("binding {node_listen} (node_listener)"))?;
+    let nodes = mamba_panel::http::node_pki::node_server(state.clone(), node_listener)?;
+    tracing::info!(%listen, %node_listen, ca = %state.pki.ca.fingerprint(), "panel listening");
+    let api = HttpServer::new(move || app(state.clone(), metrics.clone()))
         .workers(workers)
         .bind(listen)
         .with_context(|| format!("binding {listen}"))?
-        .run()
-        .await?;
+        .run();
+    // Either server stopping (a signal stops both) ends the panel.
+    futures_util::future::try_join(api, nodes).await?;
     Ok(())
 }
 

@@ -194,6 +194,8 @@ impl Modify for Security {
         crate::http::blueprints::export_blueprint,
         crate::http::blueprints::import_blueprint,
         crate::http::blueprints::delete_blueprint,
+        crate::http::node_pki::create_enrollment_token,
+        crate::http::node_pki::revoke_node,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -203,7 +205,8 @@ impl Modify for Security {
         crate::allocation::Pool, crate::allocation::NewPools, crate::allocation::Strategy, crate::allocation::Allocation,
         crate::allocation::LeakReport, Page<crate::allocation::Allocation>,
         crate::blueprints::Summary, crate::blueprints::Source, crate::blueprints::ImportResult,
-        crate::eggs::Report, crate::eggs::ReportItem, crate::eggs::Outcome
+        crate::eggs::Report, crate::eggs::ReportItem, crate::eggs::Outcome, crate::http::node_pki::EnrollmentTokenCreated,
+        crate::http::node_pki::NodeRevoked
     )),
     modifiers(&Security),
 )]

@@ -210,6 +210,13 @@ impl FieldSealer {
         }
     }
 
+    /// The panel's own private keys (node CA, token signing); see `node_pki`.
+    pub fn panel_keys(master: &MasterKey) -> FieldSealer {
+        FieldSealer {
+            key: master.derive("panel-keys"),
+        }
+    }
+
     pub fn seal(&self, owner: &str, value: &str) -> Result<String, SecretError> {
         seal(&self.key, owner, value.as_bytes())
     }
@@ -290,6 +297,10 @@ pub fn rotate_master_key(
     let seeds = reseal_totp_seeds(conn, old, new)?;
     if seeds > 0 {
         tracing::info!(count = seeds, "resealed TOTP seeds");
+    }
+    let panel_keys = crate::node_pki::reseal_panel_keys(conn, old, new)?;
+    if panel_keys > 0 {
+        tracing::info!(count = panel_keys, "resealed the panel's keys");
     }
     Ok(done)
 }

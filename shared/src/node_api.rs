@@ -11,6 +11,20 @@ pub const ENROLL_PATH: &str = "/api/node/v1/enroll";
 /// `POST`: a node with a valid certificate asks for a fresh one (same identity, new key).
 pub const RENEW_PATH: &str = "/api/node/v1/certificate";
 
+/// `GET`: who the panel takes this node for ([`NodeIdentityResponse`]); a cheap check that
+/// the node's certificate is still admitted.
+pub const IDENTITY_PATH: &str = "/api/node/v1/identity";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeIdentityResponse {
+    pub node_id: String,
+    /// SHA-256 of the certificate this request came with.
+    pub fingerprint: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
 /// `<secret>.<CA fingerprint>`: the secret proves the operator's intent, the fingerprint
 /// (64 hex digits, SHA-256 of the CA certificate) lets the node authenticate the panel before
 /// it trusts anything the panel says.

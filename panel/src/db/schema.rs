@@ -334,3 +334,36 @@ diesel::table! {
         ingests -> BigInt,
     }
 }
+
+// Node PKI (migration 000008): the panel's sealed keys, enrollment tokens, node certificates.
+diesel::table! {
+    panel_keys (name) {
+        name -> Text,
+        public_pem -> Text,
+        sealed_private -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    node_enrollment_tokens (token_hash) {
+        token_hash -> Text,
+        node_id -> Text,
+        expires_at -> BigInt,
+        used_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    node_certificates (fingerprint) {
+        fingerprint -> Text,
+        node_id -> Text,
+        not_after -> BigInt,
+        superseded_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        created_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(panel_keys, node_enrollment_tokens, node_certificates);

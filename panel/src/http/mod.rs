@@ -8,6 +8,7 @@ pub mod auth;
 pub(crate) mod blueprints;
 pub mod extract;
 pub(crate) mod health;
+pub mod node_pki;
 pub(crate) mod nodes;
 pub(crate) mod tenants;
 
@@ -47,6 +48,8 @@ pub struct AppState {
     pub totp_sealer: crate::secrets::FieldSealer,
     /// The blueprint files, read at start.
     pub blueprints: Arc<crate::blueprints::Registry>,
+    /// The node CA, token-signing key and the cache of live node certificates.
+    pub pki: Arc<crate::node_pki::PanelPki>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,13 +60,24 @@ pub enum StateError {
     Mail(#[from] crate::mail::MailError),
     #[error(transparent)]
     Blueprints(#[from] crate::blueprints::RegistryError),
+    #[error(transparent)]
+    NodePki(#[from] crate::node_pki::NodePkiError),
 }
 
 impl AppState {
-    /// Builds the state. Blocking (it hashes once): call it outside the async workers.
+    /// Builds the state. Blocking (it hashes once and reads or makes the node PKI's keys):
+    /// call it outside the async workers.
     pub fn new(config: Config, db: Db, master: &MasterKey) -> Result<AppState, StateError> {
         let hasher = PasswordHasherConfig::new(&config.auth)?;
+        let node_cert_validity =
+            std::time::Duration::from_secs(config.node_listener.certificate_days.saturating_mul(86_400));
+        let pki = Arc::new(crate::node_pki::PanelPki::load_or_create(
+            &db,
+            master,
+            node_cert_validity,
+        )?);
         Ok(AppState {
+            pki,
             dummy_hash: hasher.dummy_hash()?,
             hasher,
             links: LinkSigner::new(master),
@@ -124,7 +138,8 @@ pub fn app(
                 .configure(account::configure)
                 .configure(tenants::configure)
                 .configure(nodes::configure)
-                .configure(blueprints::configure),
+                .configure(blueprints::configure)
+                .configure(node_pki::configure),
         )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
