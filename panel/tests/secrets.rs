@@ -200,7 +200,9 @@ async fn the_binary_migrates_bootstraps_and_rotates(t: TestDb) {
         .unwrap()
         .unwrap();
     assert!(row.is_super_admin && row.email_verified_at.is_some());
-    let hasher = t.state().hasher.clone();
+    // Not through `t.state()`: that would make the panel's node PKI keys under the test
+    // harness's master key, which the rotation below (from `old`) rightly cannot open.
+    let hasher = mamba_panel::password::PasswordHasherConfig::new(&t.config().auth).unwrap();
     assert!(
         hasher.verify(&password, &row.password_hash),
         "the printed password logs in"
@@ -218,6 +220,16 @@ async fn the_binary_migrates_bootstraps_and_rotates(t: TestDb) {
         .put(&mut conn, &scope, "node_token", "n0d3", &RequestMeta::system())
         .unwrap();
     drop(conn);
+    // The node CA and token key, made (sealed) under the old key as `panel serve` would.
+    let cert_days = std::time::Duration::from_secs(86_400);
+    let pki_under = |key: &str| {
+        mamba_panel::node_pki::PanelPki::load_or_create(
+            &t.db,
+            &MasterKey::from_base64(key).unwrap(),
+            cert_days,
+        )
+    };
+    let ca_before = pki_under(&old).unwrap().ca.fingerprint();
     let (ok, text) = panel(
         &t,
         &old,
@@ -230,6 +242,9 @@ async fn the_binary_migrates_bootstraps_and_rotates(t: TestDb) {
         .get(&mut conn, &scope, "node_token")
         .unwrap();
     assert_eq!(value.as_deref(), Some("n0d3"));
+    // The same CA, now opened only with the new key.
+    assert_eq!(pki_under(&new).unwrap().ca.fingerprint(), ca_before);
+    assert!(pki_under(&old).is_err());
     let (ok, text) = panel(
         &t,
         "short",
