@@ -569,6 +569,30 @@ async fn progress_and_results_reach_console_sockets_with_backup_read() {
     let (_, record) = wings.get(&format!("{backups}/p1")).await;
     assert_eq!(completed["args"][0]["checksum"], record["sha256"]);
 
+    // A signed single-use URL downloads exactly the stored archive.
+    let now = console::now();
+    let signed = console::sign(&json!({
+        "sub": "user-1", "server": id, "scope": "backup-download", "backup": "p1",
+        "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string(),
+    }));
+    let url = wings.url(&format!("/download/backup?token={signed}"));
+    let r = wings.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("p1.tar.zst")
+    );
+    let body = r.bytes().await.unwrap();
+    assert_eq!(body.len() as u64, record["size"].as_u64().unwrap());
+    assert_eq!(
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &body).as_ref()),
+        record["sha256"].as_str().unwrap()
+    );
+    let r = wings.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 403, "the URL is single-use");
+
     // Without backup.read the socket hears the console line but no backup event.
     let output = script(
         &wings,
