@@ -20,7 +20,7 @@ use russh_sftp::protocol::{
     Version,
 };
 use tokio::io::AsyncReadExt as _;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::SftpContext;
@@ -32,6 +32,11 @@ use crate::server::Server;
 /// (announced with `limits@openssh.com`, as OpenSSH's sftp-server does).
 const MAX_PACKET_BYTES: u32 = 256 * 1024;
 const MAX_IO_BYTES: u32 = MAX_PACKET_BYTES - 1024;
+/// Reply bytes one session may have queued for a client that is slow to read them: more than
+/// the 64 outstanding 255 KiB reads OpenSSH's client keeps.
+const REPLY_BUDGET_BYTES: u32 = 32 * 1024 * 1024;
+/// What a reply other than DATA is reserved as (a page of folder entries fits).
+const SMALL_REPLY_BYTES: u32 = 64 * 1024;
 /// Handles one session may hold open.
 const MAX_HANDLES: usize = 256;
 /// Folder entries returned per READDIR.
@@ -116,7 +121,14 @@ pub(super) async fn serve(
         cancel: cancel.clone(),
     });
     let (mut read_half, write_half) = channel.split();
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Bytes>(in_flight.saturating_mul(2));
+    // Replies never wait for the channel: a request holding an in-flight slot must be able to
+    // answer and let go of it even while the client's window is shut, or the reader would stop
+    // taking requests, russh would stop reading the connection, and the client's window
+    // adjustment would never arrive (a deadlock seen with `requests_in_flight = 1`). Memory
+    // stays bounded by a budget of queued reply bytes that the reader takes before it starts a
+    // request, which only a client that stops reading its replies can exhaust.
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<(Bytes, OwnedSemaphorePermit)>();
+    let budget = Arc::new(Semaphore::new(REPLY_BUDGET_BYTES as usize));
     let writer_cancel = cancel.clone();
     let writer = tokio::spawn(async move {
         loop {
@@ -124,7 +136,7 @@ pub(super) async fn serve(
                 () = writer_cancel.cancelled() => break,
                 reply = reply_rx.recv() => reply,
             };
-            let Some(reply) = reply else { break };
+            let Some((reply, _budget)) = reply else { break };
             if write_half.data_bytes(reply).await.is_err() {
                 break;
             }
@@ -153,14 +165,21 @@ pub(super) async fn serve(
             Err(e) => {
                 // The length framing is intact, so the stream stays in step: answer and go on.
                 tracing::debug!("undecodable SFTP request: {e}");
-                if send(&reply_tx, Packet::error(0, StatusCode::BadMessage))
-                    .await
-                    .is_err()
-                {
+                let Ok(reserved) = budget.clone().acquire_many_owned(SMALL_REPLY_BYTES).await else {
+                    break;
+                };
+                if send(&reply_tx, Packet::error(0, StatusCode::BadMessage), reserved).is_err() {
                     break;
                 }
                 continue;
             }
+        };
+        let reply_bytes = match &request {
+            Packet::Read(r) => r.len.min(MAX_IO_BYTES) + 1024,
+            _ => SMALL_REPLY_BYTES,
+        };
+        let Ok(reserved) = budget.clone().acquire_many_owned(reply_bytes).await else {
+            break;
         };
         if matches!(request, Packet::Read(_) | Packet::Write(_)) {
             let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -171,7 +190,7 @@ pub(super) async fn serve(
                 // A request that waited past a revocation is not run.
                 if !sftp.cancel.is_cancelled() {
                     let reply = sftp.handle(request).await;
-                    let _ = send(&reply_tx, reply).await;
+                    let _ = send(&reply_tx, reply, reserved);
                 }
                 drop(permit);
             });
@@ -181,7 +200,7 @@ pub(super) async fn serve(
             };
             let reply = sftp.handle(request).await;
             drop(barrier);
-            if send(&reply_tx, reply).await.is_err() {
+            if send(&reply_tx, reply, reserved).is_err() {
                 break;
             }
         }
@@ -192,9 +211,14 @@ pub(super) async fn serve(
     let _ = writer.await;
 }
 
-async fn send(tx: &mpsc::Sender<Bytes>, packet: Packet) -> Result<(), ()> {
+/// Queues a reply with the budget reserved for it, which the writer gives back once it is sent.
+fn send(
+    tx: &mpsc::UnboundedSender<(Bytes, OwnedSemaphorePermit)>,
+    packet: Packet,
+    reserved: OwnedSemaphorePermit,
+) -> Result<(), ()> {
     let bytes = Bytes::try_from(packet).map_err(|e| tracing::warn!("cannot encode an SFTP reply: {e}"))?;
-    tx.send(bytes).await.map_err(|_| ())
+    tx.send((bytes, reserved)).map_err(|_| ())
 }
 
 /// One length-prefixed packet; `None` at a clean end of stream.
