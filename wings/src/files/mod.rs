@@ -781,6 +781,7 @@ impl ServerFs {
             path: rel.to_string(),
             append: opts.append,
             writable: writes,
+            resize: std::sync::Mutex::new(()),
         };
         if opts.truncate && st.st_size > 0 {
             file.set_len(0)?;
@@ -1092,6 +1093,9 @@ pub struct FsFile {
     path: String,
     append: bool,
     writable: bool,
+    /// Held from reading the size to settling the quota, so that concurrent positional writes
+    /// (SFTP pipelines them) each count only the growth they cause.
+    resize: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for FsFile {
@@ -1125,6 +1129,10 @@ impl FsFile {
         if !self.writable {
             return Err(FsError::BadPath(format!("{} is not open for writing", self.path)));
         }
+        let _resizing = self
+            .resize
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let size = self.size()?;
         let start = if self.append { size } else { offset };
         let end = start.saturating_add(buf.len() as u64);
@@ -1154,6 +1162,10 @@ impl FsFile {
         if !self.writable {
             return Err(FsError::BadPath(format!("{} is not open for writing", self.path)));
         }
+        let _resizing = self
+            .resize
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let meta = self.metadata()?;
         if len > meta.size {
             self.fs.reserve(len - meta.size)?;

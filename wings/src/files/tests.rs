@@ -280,6 +280,34 @@ fn the_quota_refuses_writes_that_would_pass_it_and_frees_on_delete() {
 }
 
 #[test]
+fn concurrent_positional_writes_count_each_byte_of_growth_once() {
+    let (_dir, fs) = root_with(1 << 30, &[]);
+    let f = std::sync::Arc::new(fs.open("a", &OpenOptions::replace()).unwrap());
+    let chunk = 64u64;
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                for i in 0..4000u64 {
+                    let block = i * 8 + w;
+                    f.write_all_at(&[7u8; 64], block * chunk).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let size = f.metadata().unwrap().size;
+    assert_eq!(size, 32_000 * chunk);
+    assert_eq!(
+        fs.used_bytes(),
+        size,
+        "the counter matches the file, not the sum of stale guesses"
+    );
+}
+
+#[test]
 fn the_walk_notices_what_was_written_from_outside_and_counts_hardlinks_once() {
     let (dir, fs) = root_with(10_000, &[]);
     fs.recount().unwrap();
