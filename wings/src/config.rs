@@ -29,9 +29,15 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address the HTTP API listens on.
+    /// Address the HTTP API listens on. Once the node is enrolled (`wings enroll`), it is
+    /// mutual TLS and admits only the panel's certificate.
     pub listen: SocketAddr,
-    /// Bearer token the panel presents. Required; at least 32 characters.
+    /// Once enrolled: the plain-HTTP listener for browsers (console sockets and other
+    /// routes that carry their own signed token); the panel's routes refuse every request
+    /// there.
+    pub public_listen: SocketAddr,
+    /// Bearer token the panel presents while the node is not enrolled; at least 32
+    /// characters. Ignored once the node is enrolled.
     pub token: String,
     /// HTTP worker threads.
     pub workers: usize,
@@ -43,6 +49,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             token: String::new(),
             workers: 1,
             max_json_bytes: 1024 * 1024,
@@ -438,7 +445,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
-        if self.api.token.len() < 32 {
+        // Empty is allowed here (an enrolled node needs none, and `wings enroll` runs before
+        // there is anything to configure); `wings serve` requires it while not enrolled.
+        if !self.api.token.is_empty() && self.api.token.len() < 32 {
             return bad("api.token must be at least 32 characters (set it in the file or WINGS_API__TOKEN)");
         }
         if self.api.workers == 0 {

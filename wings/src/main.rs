@@ -114,8 +114,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let listen = config.api.listen;
         let workers = config.api.workers;
         let max_json = config.api.max_json_bytes;
-        let token = config.api.token.clone();
+        let public_listen = config.api.public_listen;
         let identity = NodeIdentity::load(&config.system.data_dir)?.map(Arc::new);
+        // Enrolled: the panel authenticates with its certificate and the bearer token is
+        // refused. Not enrolled: the token is required.
+        let token = match &identity {
+            Some(_) => {
+                if !config.api.token.is_empty() {
+                    tracing::warn!("api.token is ignored: this node is enrolled and the panel uses its certificate");
+                }
+                String::new()
+            }
+            None if config.api.token.is_empty() => {
+                anyhow::bail!("api.token is required until the node is enrolled (`wings enroll`)")
+            }
+            None => config.api.token.clone(),
+        };
         let mut token_config = config.tokens.clone();
         if let Some(identity) = &identity {
             tracing::info!(node = %identity.record.node_id, "enrolled with the panel");
@@ -156,25 +170,56 @@ fn serve(config: Config) -> anyhow::Result<()> {
             websocket,
             pull_client,
         });
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .configure(|cfg| api::configure(cfg, max_json))
-        })
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(5)
-        .bind(listen)
-        .with_context(|| format!("cannot listen on {listen}"))?
-        .run();
-        tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "wings is listening");
+        let app_state = state.clone();
+        let make_server = move || {
+            let state = app_state.clone();
+            HttpServer::new(move || {
+                App::new()
+                    .app_data(state.clone())
+                    .configure(|cfg| api::configure(cfg, max_json))
+            })
+            .workers(workers)
+            .disable_signals()
+            .shutdown_timeout(5)
+        };
+        let server = match &identity {
+            Some(identity) => make_server()
+                .on_connect(api::on_connect)
+                .bind_rustls_0_23(listen, identity.panel_only_server_config()?)
+                .with_context(|| format!("cannot listen on {listen}"))?
+                .run(),
+            None => make_server()
+                .bind(listen)
+                .with_context(|| format!("cannot listen on {listen}"))?
+                .run(),
+        };
+        tracing::info!(%listen, mtls = identity.is_some(), version = env!("CARGO_PKG_VERSION"), "wings is listening");
+        let public = match &identity {
+            Some(_) => {
+                let public = make_server()
+                    .bind(public_listen)
+                    .with_context(|| format!("cannot listen on {public_listen}"))?
+                    .run();
+                tracing::info!(listen = %public_listen, "public listener (console sockets) is listening");
+                Some(public)
+            }
+            None => None,
+        };
         let handle = server.handle();
+        let public_handle = public.as_ref().map(|p| p.handle());
         let server_task = tokio::spawn(server);
+        let public_task = public.map(tokio::spawn);
         wait_for_shutdown_signal().await?;
         // Game servers keep running: their containers do not depend on this process.
         tracing::info!("shutting down; game servers keep running");
         shutdown.cancel();
         handle.stop(true).await;
+        if let Some(public_handle) = public_handle {
+            public_handle.stop(true).await;
+        }
+        if let Some(public_task) = public_task {
+            let _ = public_task.await;
+        }
         let _ = server_task.await;
         if let Some(task) = sftp_task {
             let _ = task.await;

@@ -1,5 +1,7 @@
-//! Wings' HTTP API (actix-web). The panel is its only client; every route but `/healthz`
-//! needs `Authorization: Bearer <api.token>`.
+//! Wings' HTTP API (actix-web). The panel is its only client for everything but console
+//! sockets. Once the node is enrolled, the panel's routes are served on a mutual-TLS
+//! listener that admits only the panel's certificate, and refused on the public listener;
+//! before, they need `Authorization: Bearer <api.token>`.
 //!
 //! API boundary: handlers parse and check input, then hand the work to the server actors on
 //! the main runtime. They never talk to Docker themselves.
@@ -110,10 +112,33 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
     }));
 }
 
+/// Set on connections whose client presented the panel's certificate (the mutual-TLS
+/// listener of an enrolled node verified chain and role in the handshake).
+#[derive(Debug, Clone, Copy)]
+pub struct PanelPeer;
+
+/// For `HttpServer::on_connect` on the mutual-TLS listener.
+pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    if let Some(tls) = conn.downcast_ref::<Tls>() {
+        let (_, session) = tls.get_ref();
+        let is_panel = mamba_shared::pki::peer_identity(session.peer_certificates())
+            .is_some_and(|p| p.identity == mamba_shared::pki::Identity::Panel);
+        if is_panel {
+            ext.insert(PanelPeer);
+        }
+    }
+}
+
+/// The panel's routes: over the mutual-TLS listener once enrolled (the token is then empty
+/// and refuses everything), or with the bearer token before.
 async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if req.conn_data::<PanelPeer>().is_some() {
+        return next.call(req).await;
+    }
     let expected = req
         .app_data::<web::Data<AppState>>()
         .map(|s| s.token.clone())
