@@ -26,6 +26,27 @@ pub struct Config {
     pub plans: PlanConfig,
     pub blueprints: BlueprintsConfig,
     pub node_listener: NodeListenerConfig,
+    pub server_metrics: ServerMetricsConfig,
+}
+
+/// Servers' stored resource samples (`metrics_store`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerMetricsConfig {
+    /// Hours raw samples are kept after their hour is rolled up. Also the latest a sample
+    /// may arrive (older ones are refused), so it bounds how long wings may buffer.
+    pub raw_retention_hours: u32,
+    /// Seconds between runs of the rollup and prune job inside `panel serve`.
+    pub rollup_interval_secs: u64,
+}
+
+impl Default for ServerMetricsConfig {
+    fn default() -> Self {
+        ServerMetricsConfig {
+            raw_retention_hours: 24,
+            rollup_interval_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +355,12 @@ impl Config {
         }
         if self.node_listener.certificate_days == 0 || self.node_listener.certificate_days > 397 {
             return bad("node_listener.certificate_days must be between 1 and 397");
+        }
+        if !(2..=24 * 31).contains(&self.server_metrics.raw_retention_hours) {
+            return bad("server_metrics.raw_retention_hours must be between 2 and 744");
+        }
+        if !(10..=3600).contains(&self.server_metrics.rollup_interval_secs) {
+            return bad("server_metrics.rollup_interval_secs must be between 10 and 3600");
         }
         if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");

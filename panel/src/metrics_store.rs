@@ -62,6 +62,14 @@ impl Default for Retention {
     }
 }
 
+impl From<&crate::config::ServerMetricsConfig> for Retention {
+    fn from(config: &crate::config::ServerMetricsConfig) -> Retention {
+        Retention {
+            raw_hours: i64::from(config.raw_retention_hours),
+        }
+    }
+}
+
 impl Retention {
     /// The start of the oldest hour still accepted and kept at `now`.
     pub fn horizon(&self, now_ms: i64) -> i64 {
@@ -226,6 +234,9 @@ pub fn ingest_batch(
                 received_at: now_ms,
             });
         }
+        // Key order, so two transactions inserting the same keys (a batch and its
+        // re-delivery) wait for each other instead of deadlocking.
+        rows.sort_by(|a, b| (&a.server_id, a.sampled_at).cmp(&(&b.server_id, b.sampled_at)));
         let stored = insert_ignoring_conflicts!(conn, metric_samples::table, rows);
         if stored > 0 {
             let dirty: Vec<DirtyRow> = dirty
@@ -356,6 +367,39 @@ pub fn prune(conn: &mut DbConnection, retention: Retention, now_ms: i64) -> Resu
          AND d.hour_start <= metric_samples.sampled_at AND metric_samples.sampled_at < d.hour_start + $2)",
         &[horizon, HOUR_MS],
     )?)
+}
+
+/// One run of the periodic job: roll up every finished hour, then prune. Several panel
+/// replicas may run it at once: the rollup gate makes them take turns, and a second run
+/// finds nothing left to do.
+pub async fn maintain(db: &crate::db::Db, retention: Retention) -> Result<(RollupReport, usize), DbError> {
+    db.run(move |conn| {
+        let now = crate::db::now_ms();
+        let report = rollup(conn, now, now)?;
+        let pruned = prune(conn, retention, now)?;
+        Ok((report, pruned))
+    })
+    .await
+}
+
+/// Runs [`maintain`] every `config.rollup_interval_secs`, logging failures (the next run
+/// catches up: dirty hours stay dirty until a rollup succeeds).
+pub fn spawn_maintenance(db: crate::db::Db, config: &crate::config::ServerMetricsConfig) {
+    let retention = Retention::from(config);
+    let period = std::time::Duration::from_secs(config.rollup_interval_secs.max(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match maintain(&db, retention).await {
+                Ok((report, pruned)) => {
+                    tracing::debug!(hours = report.hours, pruned, "server metrics rolled up")
+                }
+                Err(e) => tracing::warn!(error = %e, "server metrics rollup failed; retrying next period"),
+            }
+        }
+    });
 }
 
 /// The ranges `GET .../metrics?range=` offers.

@@ -28,6 +28,8 @@ both_backends!(
     prune_keeps_what_is_not_rolled_up_and_redelivery_cannot_double_count,
     series_ranges_use_raw_samples_for_an_hour_and_hourly_rows_beyond,
     series_are_tenant_scoped,
+    rollups_during_parallel_ingests_lose_no_sample,
+    the_periodic_job_rolls_up_finished_hours,
 );
 
 /// A fixed hour (2026-11-01T00:00Z) so expectations do not depend on the clock.
@@ -446,4 +448,84 @@ async fn series_are_tenant_scoped(t: TestDb) {
     assert!(rows.iter().all(|r| r.server_id == sb.as_str()));
     assert_eq!(hourly(&t.db, &alpha).len(), 1);
     assert_eq!(hourly(&t.db, &alpha)[0].sample_count, 120);
+}
+
+/// Eight nodes deliver (and re-deliver) batches in parallel while rollups run; afterwards
+/// the hourly rows hold every stored sample exactly once. (A rollup that read a batch only
+/// in part, or dropped a dirty mark it had not seen the samples of, would lose some.)
+async fn rollups_during_parallel_ingests_lose_no_sample(t: TestDb) {
+    let scope = scope(&t.db, "parallel");
+    let now = H0 + 3 * HOUR_MS;
+    let db = Db::connect(&t.url, 16, std::time::Duration::from_secs(60)).unwrap();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let node = node(&t.db, &format!("parallel-{n}"));
+        let servers: Vec<ServerId> = (0..5).map(|_| server(&t.db, &scope, &node)).collect();
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            // 30 batches per node, spread over hours 0 to 2, each sent twice.
+            for round in 0..30_i64 {
+                let at = H0 + round * 6 * 60_000;
+                let batch: Vec<MetricSample> =
+                    servers.iter().map(|s| sample(s, at, 100, 100, 7, 100)).collect();
+                for _ in 0..2 {
+                    let (node, batch) = (node.clone(), batch.clone());
+                    db.run(move |conn| {
+                        metrics_store::ingest_batch(conn, &node, &batch, Retention::default(), now)
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        }));
+    }
+    let rollups = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                db.run(move |conn| metrics_store::rollup(conn, now, now + i))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for task in tasks {
+        task.await.unwrap();
+    }
+    rollups.await.unwrap();
+    rollup(&t.db, now, now + 100);
+    let rows = hourly(&t.db, &scope);
+    assert_eq!(raw_count(&t.db), 8 * 5 * 30);
+    assert_eq!(rows.iter().map(|r| r.sample_count).sum::<i64>(), 8 * 5 * 30);
+    assert_eq!(rows.iter().map(|r| r.egress_bytes).sum::<i64>(), 8 * 5 * 30 * 7);
+    assert_eq!(rows.len(), 40 * 3);
+}
+
+/// `maintain` (what `panel serve` runs periodically) on the real clock: finished hours are
+/// rolled up, the current one is not, and nothing inside the retention is pruned.
+async fn the_periodic_job_rolls_up_finished_hours(t: TestDb) {
+    let scope = scope(&t.db, "periodic");
+    let n = node(&t.db, "periodic-node");
+    let s = server(&t.db, &scope, &n);
+    let now = mamba_panel::db::now_ms();
+    let previous = hour_of(now) - HOUR_MS;
+    let batch = vec![
+        sample(&s, previous + 1000, 100, 100, 100, 100),
+        sample(&s, previous + 2000, 300, 300, 300, 300),
+        sample(&s, now - 1, 1, 1, 1, 1),
+    ];
+    assert_eq!(ingest(&t.db, &n, &batch, Retention::default(), now).stored, 3);
+    let (report, pruned) = metrics_store::maintain(&t.db, Retention::default())
+        .await
+        .unwrap();
+    // (Should the hour turn between the ingest and the job, the current hour is finished too.)
+    let turned = usize::from(hour_of(mamba_panel::db::now_ms()) != hour_of(now));
+    assert_eq!((report.hours, pruned), (1 + turned, 0));
+    let rows = hourly(&t.db, &scope);
+    assert_eq!(rows.len(), 1 + turned);
+    assert_eq!(
+        (rows[0].hour_start, rows[0].sample_count, rows[0].egress_bytes),
+        (previous, 2, 400)
+    );
+    assert_eq!(raw_count(&t.db), 3);
 }
