@@ -693,6 +693,14 @@ impl Server {
         if self.with_record(|r| r.install.status) != InstallStatus::Installed {
             return Err(ServerError::Conflict("the server is not installed".into()));
         }
+        // The install and the last run wrote from inside the container, which the counter
+        // only learns from a walk: count now, so the quota check and the first figures are true.
+        let files = self.files.clone();
+        match tokio::task::spawn_blocking(move || files.recount()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(server.id = %self.id, "cannot count the server's disk usage: {e}"),
+            Err(e) => tracing::warn!(server.id = %self.id, "disk count task failed: {e}"),
+        }
         if self.files.over_quota() {
             return Err(ServerError::Conflict(format!(
                 "the server's files use {} bytes, more than its disk quota of {}",
