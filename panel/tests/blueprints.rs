@@ -10,47 +10,13 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::test;
 use common::{Answer, TestDb, send};
 use mamba_panel::http::app;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 both_backends!(operators_import_export_and_remove_blueprints);
 
 const IP: &str = "198.51.100.61";
 const PASSWORD: &str = "blueprint test passphrase";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eggs");
-
-async fn login<S, B>(svc: &S, t: &TestDb, email: &str, admin: bool) -> String
-where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
-    B: actix_web::body::MessageBody,
-{
-    let hash = t.state().hasher.hash(PASSWORD).unwrap();
-    let mut conn = t.db.get_blocking().unwrap();
-    mamba_panel::users::create(
-        &mut conn,
-        mamba_panel::users::NewUser {
-            email: email.into(),
-            display_name: "someone".into(),
-            password_hash: hash,
-            email_verified: true,
-            is_super_admin: admin,
-        },
-        &mamba_panel::audit::Actor::System,
-        &mamba_panel::request_meta::RequestMeta::system(),
-    )
-    .unwrap();
-    drop(conn);
-    let req = test::TestRequest::post()
-        .uri("/api/v1/auth/login")
-        .peer_addr(common::peer(IP))
-        .set_json(json!({"email": email, "password": PASSWORD, "client": "api"}));
-    let a = send(svc, req.to_request()).await;
-    assert_eq!(a.status, StatusCode::OK, "{a:?}");
-    format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap())
-}
 
 async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: &str, body: Option<String>) -> Answer
 where
@@ -82,8 +48,8 @@ async fn operators_import_export_and_remove_blueprints(t: TestDb) {
     let mut config = t.config();
     config.blueprints.dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../blueprints").into();
     let svc = test::init_service(app(t.state_with(config), common::metrics())).await;
-    let admin = login(&svc, &t, "root@example.com", true).await;
-    let user = login(&svc, &t, "user@example.com", false).await;
+    let admin = common::login_new_user(&svc, &t, "root@example.com", PASSWORD, true, IP).await;
+    let user = common::login_new_user(&svc, &t, "user@example.com", PASSWORD, false, IP).await;
 
     let a = call(&svc, Method::GET, "/api/v1/admin/blueprints", &user, None).await;
     assert_eq!(a.status, StatusCode::FORBIDDEN);

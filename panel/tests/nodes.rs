@@ -18,44 +18,6 @@ both_backends!(operators_manage_nodes);
 const IP: &str = "198.51.100.60";
 const PASSWORD: &str = "node test passphrase";
 
-/// A verified user made in the database and logged in over the API; its bearer header.
-pub async fn login<S, B>(svc: &S, t: &TestDb, email: &str, admin: bool) -> String
-where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
-    B: actix_web::body::MessageBody,
-{
-    let hash = t.state().hasher.hash(PASSWORD).unwrap();
-    let mut conn = t.db.get_blocking().unwrap();
-    mamba_panel::users::create(
-        &mut conn,
-        mamba_panel::users::NewUser {
-            email: email.into(),
-            display_name: "someone".into(),
-            password_hash: hash,
-            email_verified: true,
-            is_super_admin: admin,
-        },
-        &mamba_panel::audit::Actor::System,
-        &mamba_panel::request_meta::RequestMeta::system(),
-    )
-    .unwrap();
-    drop(conn);
-    let a = call(
-        svc,
-        Method::POST,
-        "/api/v1/auth/login",
-        None,
-        json!({"email": email, "password": PASSWORD, "client": "api"}),
-    )
-    .await;
-    assert_eq!(a.status, StatusCode::OK, "{a:?}");
-    format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap())
-}
-
 pub async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: Option<&str>, body: Value) -> Answer
 where
     S: actix_web::dev::Service<
@@ -90,8 +52,8 @@ fn audit_count(t: &TestDb, action: &str) -> i64 {
 
 async fn operators_manage_nodes(t: TestDb) {
     let svc = test::init_service(app(t.state(), common::metrics())).await;
-    let admin = login(&svc, &t, "root@example.com", true).await;
-    let user = login(&svc, &t, "user@example.com", false).await;
+    let admin = common::login_new_user(&svc, &t, "root@example.com", PASSWORD, true, IP).await;
+    let user = common::login_new_user(&svc, &t, "user@example.com", PASSWORD, false, IP).await;
     let body = json!({
         "name": "node-1", "fqdn": "Node1.Example.com", "location": "eu-west",
         "cpu_percent": 400, "memory_mb": 8192, "disk_mb": 102400, "overallocation_percent": 25

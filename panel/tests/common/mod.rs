@@ -381,6 +381,50 @@ pub fn get(uri: &str, ip: &str) -> actix_web::test::TestRequest {
     actix_web::test::TestRequest::get().uri(uri).peer_addr(peer(ip))
 }
 
+/// Makes a verified user (a super admin with `admin`) straight in the database, logs it in
+/// over the API from `ip` and answers its bearer header.
+pub async fn login_new_user<S, B>(
+    svc: &S,
+    t: &TestDb,
+    email: &str,
+    password: &str,
+    admin: bool,
+    ip: &str,
+) -> String
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    let hash = t.state().hasher.hash(password).unwrap();
+    let mut conn = t.db.get_blocking().unwrap();
+    mamba_panel::users::create(
+        &mut conn,
+        mamba_panel::users::NewUser {
+            email: email.into(),
+            display_name: "someone".into(),
+            password_hash: hash,
+            email_verified: true,
+            is_super_admin: admin,
+        },
+        &mamba_panel::audit::Actor::System,
+        &mamba_panel::request_meta::RequestMeta::system(),
+    )
+    .unwrap();
+    drop(conn);
+    let login = post(
+        "/api/v1/auth/login",
+        serde_json::json!({"email": email, "password": password, "client": "api"}),
+        ip,
+    );
+    let a = send(svc, login.to_request()).await;
+    assert_eq!(a.status, actix_web::http::StatusCode::OK, "{a:?}");
+    format!("Bearer {}", a.body["tokens"]["access_token"].as_str().unwrap())
+}
+
 /// `MAMBA_TEST_REDIS_URL`, or `None` (a failure under CI, a loud skip elsewhere).
 pub fn redis_url() -> Option<String> {
     match std::env::var("MAMBA_TEST_REDIS_URL") {
