@@ -27,6 +27,43 @@ pub struct Config {
     pub blueprints: BlueprintsConfig,
     pub node_listener: NodeListenerConfig,
     pub server_metrics: ServerMetricsConfig,
+    pub jobs: JobsConfig,
+}
+
+/// The durable job engine (`jobs`): the workers that install, power and delete servers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Worker loops inside `panel serve`; 0 runs none (then run `panel worker` elsewhere).
+    pub workers: usize,
+    /// Milliseconds an idle worker waits before looking for work again.
+    pub poll_interval_ms: u64,
+    /// Seconds a claimed job stays with its worker without renewal (renewed every third of
+    /// it); after a crash, the job is picked up again this long after the last renewal.
+    pub lease_secs: u64,
+    /// Attempts before a job that keeps failing with retryable errors is dead.
+    pub max_attempts: u32,
+    /// Milliseconds before the second attempt; doubled for each further one.
+    pub backoff_base_ms: u64,
+    /// Seconds the backoff never exceeds.
+    pub backoff_cap_secs: u64,
+    /// Seconds one attempt of an install or reinstall waits for the server to run before it
+    /// counts as failed (and is retried).
+    pub install_timeout_secs: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            workers: 2,
+            poll_interval_ms: 1000,
+            lease_secs: 30,
+            max_attempts: 8,
+            backoff_base_ms: 2000,
+            backoff_cap_secs: 300,
+            install_timeout_secs: 1800,
+        }
+    }
 }
 
 /// Servers' stored resource samples (`metrics_store`).
@@ -361,6 +398,26 @@ impl Config {
         }
         if !(10..=3600).contains(&self.server_metrics.rollup_interval_secs) {
             return bad("server_metrics.rollup_interval_secs must be between 10 and 3600");
+        }
+        if self.jobs.workers > 64 {
+            return bad("jobs.workers must be at most 64");
+        }
+        if !(50..=60_000).contains(&self.jobs.poll_interval_ms) {
+            return bad("jobs.poll_interval_ms must be between 50 and 60000");
+        }
+        if !(3..=3600).contains(&self.jobs.lease_secs) {
+            return bad("jobs.lease_secs must be between 3 and 3600");
+        }
+        if !(1..=100).contains(&self.jobs.max_attempts) {
+            return bad("jobs.max_attempts must be between 1 and 100");
+        }
+        if self.jobs.backoff_base_ms == 0
+            || self.jobs.backoff_cap_secs.saturating_mul(1000) < self.jobs.backoff_base_ms
+        {
+            return bad("jobs.backoff_base_ms must be positive and at most jobs.backoff_cap_secs");
+        }
+        if !(10..=86_400).contains(&self.jobs.install_timeout_secs) {
+            return bad("jobs.install_timeout_secs must be between 10 and 86400");
         }
         if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");

@@ -94,3 +94,7 @@ id_type!(
     /// A game server, as the panel knows it. A UUID, so it is also a valid wings server id.
     ServerId
 );
+id_type!(
+    /// One durable job (`jobs`).
+    JobId
+);

@@ -23,6 +23,7 @@ pub mod events;
 pub mod http;
 pub mod identity;
 pub mod ids;
+pub mod jobs;
 pub mod keys;
 pub mod mail;
 pub mod metrics;

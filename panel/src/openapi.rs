@@ -196,6 +196,8 @@ impl Modify for Security {
         crate::http::blueprints::delete_blueprint,
         crate::http::node_pki::create_enrollment_token,
         crate::http::node_pki::revoke_node,
+        crate::http::jobs::list_jobs,
+        crate::http::jobs::retry_job,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -206,7 +208,8 @@ impl Modify for Security {
         crate::allocation::LeakReport, Page<crate::allocation::Allocation>,
         crate::blueprints::Summary, crate::blueprints::Source, crate::blueprints::ImportResult,
         crate::eggs::Report, crate::eggs::ReportItem, crate::eggs::Outcome, crate::http::node_pki::EnrollmentTokenCreated,
-        crate::http::node_pki::NodeRevoked
+        crate::http::node_pki::NodeRevoked, crate::jobs::Job, crate::jobs::JobKind, crate::jobs::JobStatus,
+        Page<crate::jobs::Job>
     )),
     modifiers(&Security),
 )]

@@ -367,3 +367,25 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(panel_keys, node_enrollment_tokens, node_certificates);
+
+diesel::table! {
+    jobs (id) {
+        id -> Text,
+        tenant_id -> Nullable<Text>,
+        server_id -> Nullable<Text>,
+        kind -> Text,
+        payload -> Text,
+        status -> Text,
+        attempts -> Integer,
+        max_attempts -> Nullable<Integer>,
+        run_after -> BigInt,
+        lease_owner -> Nullable<Text>,
+        lease_expires_at -> Nullable<BigInt>,
+        last_error -> Nullable<Text>,
+        step -> Nullable<Text>,
+        progress -> Text,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        finished_at -> Nullable<BigInt>,
+    }
+}

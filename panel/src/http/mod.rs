@@ -8,6 +8,7 @@ pub mod auth;
 pub(crate) mod blueprints;
 pub mod extract;
 pub(crate) mod health;
+pub(crate) mod jobs;
 pub mod node_pki;
 pub(crate) mod nodes;
 pub(crate) mod tenants;
@@ -139,6 +140,7 @@ pub fn app(
                 .configure(tenants::configure)
                 .configure(nodes::configure)
                 .configure(blueprints::configure)
+                .configure(jobs::configure)
                 .configure(node_pki::configure),
         )
         .default_service(web::to(|req: HttpRequest| async move {
