@@ -171,6 +171,18 @@ impl NodeIdentity {
         Ok(identity)
     }
 
+    /// Stores an identity issued out of band, exactly as [`NodeIdentity::enroll`] would:
+    /// the certificate must name `record.node_id` and match `key_pem`. The binary never calls
+    /// it; the test harness and the `dev_enroll` example (benchmarks) do, with a throwaway CA.
+    pub fn install(
+        data_dir: &Path,
+        record: NodeRecord,
+        issued: &CertificateResponse,
+        key_pem: &str,
+    ) -> Result<NodeIdentity, IdentityError> {
+        NodeIdentity::store(data_dir, record, issued, key_pem)
+    }
+
     /// Checks a certificate the panel sent against what this node asked for, then writes it.
     fn store(
         data_dir: &Path,

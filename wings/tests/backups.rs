@@ -575,8 +575,8 @@ async fn progress_and_results_reach_console_sockets_with_backup_read() {
         "sub": "user-1", "server": id, "scope": "backup-download", "backup": "p1",
         "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string(),
     }));
-    let url = wings.url(&format!("/download/backup?token={signed}"));
-    let r = wings.http.get(&url).send().await.unwrap();
+    let url = wings.public_url(&format!("/download/backup?token={signed}"));
+    let r = wings.public.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(
         r.headers()["content-disposition"]
@@ -590,7 +590,7 @@ async fn progress_and_results_reach_console_sockets_with_backup_read() {
         hex::encode(ring::digest::digest(&ring::digest::SHA256, &body).as_ref()),
         record["sha256"].as_str().unwrap()
     );
-    let r = wings.http.get(&url).send().await.unwrap();
+    let r = wings.public.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 403, "the URL is single-use");
 
     // Without backup.read the socket hears the console line but no backup event.

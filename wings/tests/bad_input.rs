@@ -273,13 +273,19 @@ async fn bad_requests_on_servers_get_the_envelope() {
     let (status, body) = wings.get("/api/nope").await;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("not_found")));
 
-    // Without the node token nothing answers but /healthz.
-    let r = wings.http.get(wings.url("/api/servers")).send().await.unwrap();
+    // Off the mutual-TLS listener the panel's routes answer 401, whatever the request
+    // carries; only /healthz, console sockets and signed URLs work there.
+    let r = wings
+        .public
+        .get(wings.public_url("/api/servers"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let r = wings
-        .http
-        .get(wings.url("/api/servers"))
-        .bearer_auth("wrong-token")
+        .public
+        .get(wings.public_url("/api/servers"))
+        .bearer_auth("test-token-0123456789abcdef0123456789")
         .send()
         .await
         .unwrap();
@@ -302,4 +308,103 @@ async fn bad_requests_on_servers_get_the_envelope() {
         (status, body["error"]["code"].as_str()),
         (409, Some("not_running"))
     );
+}
+
+/// SECURITY-CHECKLIST 28: nothing the panel pushes can widen what a container may do on the
+/// node. Neither a create request nor a blueprint has a word for host mounts, privileges,
+/// capabilities, devices, host namespaces, another network or another user, and every
+/// object in them refuses unknown fields, so each such attempt is a 400 and nothing is made.
+/// What the node then builds comes from its own configuration, checked on a real container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pushed_config_cannot_widen_the_node_privileges() {
+    let wings = Wings::start().await;
+    let widenings: Vec<(&str, Value)> = vec![
+        ("privileged", json!(true)),
+        (
+            "mounts",
+            json!([{"type": "bind", "source": "/", "target": "/host"}]),
+        ),
+        ("binds", json!(["/:/host"])),
+        ("volumes", json!({"/host": {}})),
+        ("host_config", json!({"Privileged": true})),
+        ("cap_add", json!(["SYS_ADMIN"])),
+        ("capabilities", json!(["ALL"])),
+        ("devices", json!(["/dev/mem:/dev/mem"])),
+        ("network_mode", json!("host")),
+        ("network", json!("host")),
+        ("pid_mode", json!("host")),
+        ("ipc_mode", json!("host")),
+        ("userns_mode", json!("host")),
+        (
+            "security_opt",
+            json!(["seccomp=unconfined", "apparmor=unconfined"]),
+        ),
+        ("user", json!("0:0")),
+        ("sysctls", json!({"kernel.core_pattern": "|/bin/sh"})),
+        ("readonly_rootfs", json!(false)),
+    ];
+    // Every object the panel sends that could plausibly carry them.
+    let places: &[&str] = &[
+        "",
+        "blueprint",
+        "blueprint.install",
+        "limits",
+        "allocations.default",
+    ];
+    for place in places {
+        for (key, value) in &widenings {
+            let id = unique_id("widen");
+            let mut body = create_body(&id, testbox(), json!({}), json!(free_port()));
+            body["limits"] = json!({"memory_mb": 128, "cpu_percent": 100, "disk_mb": 100, "pids": 64});
+            let target = place
+                .split('.')
+                .filter(|p| !p.is_empty())
+                .fold(&mut body, |v, p| &mut v[p]);
+            target[*key] = value.clone();
+            let (status, answer) = wings.post("/api/servers", body).await;
+            assert_eq!(status, 400, "{key} in {place:?}: {answer}");
+            assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+            assert!(
+                answer["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(key)),
+                "{key} in {place:?}: {answer}"
+            );
+            assert_eq!(wings.get(&format!("/api/servers/{id}")).await.0, 404);
+        }
+    }
+    assert!(wings.containers().is_empty(), "a refused create made a container");
+
+    // A proper create: the container gets the node's restrictions, whatever was asked.
+    let id = unique_id("narrow");
+    wings.create(&id, testbox(), json!({}), free_port()).await;
+    wings
+        .wait_state(&id, "running", std::time::Duration::from_secs(120))
+        .await;
+    let (ok, inspect) = common::docker(&["inspect", &format!("mamba-{id}")]);
+    assert!(ok, "{inspect}");
+    let inspect: Value = serde_json::from_str(&inspect).unwrap();
+    let c = &inspect[0];
+    let host = &c["HostConfig"];
+    assert_eq!(host["Privileged"], false);
+    assert_eq!(host["CapDrop"], json!(["ALL"]));
+    assert_eq!(host["NetworkMode"], "mamba0", "{host}");
+    for mode in ["PidMode", "IpcMode", "UsernsMode"] {
+        assert!(host[mode].as_str().is_none_or(|m| m != "host"), "{mode}: {host}");
+    }
+    assert!(host["Devices"].as_array().is_none_or(Vec::is_empty), "{host}");
+    assert_ne!(c["Config"]["User"], "", "{c}");
+    assert!(!c["Config"]["User"].as_str().unwrap().starts_with("0"), "{c}");
+    // Every host path mounted lies in this node's data folder: the server's own files.
+    let data_dir = wings.data_dir().display().to_string();
+    let mounts = c["Mounts"].as_array().unwrap();
+    assert!(!mounts.is_empty());
+    for mount in mounts {
+        if mount["Type"] == "bind" {
+            let source = mount["Source"].as_str().unwrap();
+            assert!(source.starts_with(&data_dir), "{mount}");
+        } else {
+            assert_eq!(mount["Type"], "tmpfs", "{mount}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use common::console::{
     ALL, auth, claims, events, expect, expect_arg, expect_contains, python, rss_kib, script, send, sign,
     sign_with, token, tokens_config, ws_url,
 };
-use common::{TOKEN, Wings, blueprint, free_port, testbox, unique_id};
+use common::{Wings, blueprint, free_port, testbox, unique_id};
 use serde_json::{Value, json};
 
 const GAME_TIMEOUT: Duration = Duration::from_secs(120);
@@ -313,12 +313,13 @@ async fn a_flooding_game_and_a_stalled_client_never_slow_the_others() {
     let wings = Wings::start_with(&tokens_config()).await;
     let id = running_testbox(&wings).await;
     let before = rss_kib(wings.pid());
+    let (cert, key, ca) = wings.client_files();
     let scenario = json!({
         "url": ws_url(&wings, &id),
         "token": token(&id, ALL),
         "clients": 10,
         "seconds": 12,
-        "http": {"base": wings.url(""), "token": TOKEN, "calls": [
+        "http": {"base": wings.url(""), "cert": cert, "key": key, "ca": ca, "calls": [
             {"method": "POST", "path": format!("/api/servers/{id}/commands"),
              "body": {"commands": ["flood 0"]}},
         ]},

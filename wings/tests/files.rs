@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::console::{now, sign, tokens_config};
-use common::{TOKEN, Wings, docker, free_port, testbox, unique_id, wait_for};
+use common::{Wings, docker, free_port, testbox, unique_id, wait_for};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -45,7 +45,6 @@ async fn raw(wings: &Wings, method: reqwest::Method, path: &str, body: Vec<u8>) 
     let r = wings
         .http
         .request(method, wings.url(path))
-        .bearer_auth(TOKEN)
         .body(body)
         .send()
         .await
@@ -106,7 +105,6 @@ async fn every_file_route_works() {
     let ranged = wings
         .http
         .get(wings.url(&format!("{}?file=cfg/motd.txt", files(&id, "contents"))))
-        .bearer_auth(TOKEN)
         .header("range", "bytes=6-")
         .send()
         .await
@@ -117,7 +115,6 @@ async fn every_file_route_works() {
     let unsatisfiable = wings
         .http
         .get(wings.url(&format!("{}?file=cfg/motd.txt", files(&id, "contents"))))
-        .bearer_auth(TOKEN)
         .header("range", "bytes=50-")
         .send()
         .await
@@ -593,15 +590,15 @@ async fn traversal_is_refused_in_every_path_parameter() {
             let token = signed(&id, scope, p, 60);
             let r = if scope == "file-download" {
                 wings
-                    .http
-                    .get(wings.url(&format!("/download/file?token={token}")))
+                    .public
+                    .get(wings.public_url(&format!("/download/file?token={token}")))
                     .send()
                     .await
                     .unwrap()
             } else {
                 wings
-                    .http
-                    .post(wings.url(&format!("/upload/file?token={token}")))
+                    .public
+                    .post(wings.public_url(&format!("/upload/file?token={token}")))
                     .body("pwned")
                     .send()
                     .await
@@ -681,8 +678,8 @@ async fn symlinks_and_races_from_inside_the_container_lead_nowhere() {
         refused(s, &b, p);
         let token = signed(&id, "file-download", p, 60);
         let r = wings
-            .http
-            .get(wings.url(&format!("/download/file?token={token}")))
+            .public
+            .get(wings.public_url(&format!("/download/file?token={token}")))
             .send()
             .await
             .unwrap();
@@ -705,8 +702,8 @@ async fn symlinks_and_races_from_inside_the_container_lead_nowhere() {
         refused(s, &b, p);
         let token = signed(&id, "file-download", p, 60);
         let r = wings
-            .http
-            .get(wings.url(&format!("/download/file?token={token}")))
+            .public
+            .get(wings.public_url(&format!("/download/file?token={token}")))
             .send()
             .await
             .unwrap();
@@ -1012,8 +1009,8 @@ async fn the_quota_refuses_uploads_and_stops_a_container_that_fills_its_disk() {
     );
     let token = signed(&id, "file-upload", "upload.bin", 60);
     let r = wings
-        .http
-        .post(wings.url(&format!("/upload/file?token={token}")))
+        .public
+        .post(wings.public_url(&format!("/upload/file?token={token}")))
         .body(big.clone())
         .send()
         .await
@@ -1081,8 +1078,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
     write(&wings, &id, "world/level.dat", b"level data").await;
 
     let token = signed(&id, "file-download", "world/level.dat", 60);
-    let url = wings.url(&format!("/download/file?token={token}"));
-    let r = wings.http.get(&url).send().await.unwrap();
+    let url = wings.public_url(&format!("/download/file?token={token}"));
+    let r = wings.public.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
     assert!(
         r.headers()["content-disposition"]
@@ -1091,16 +1088,16 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
             .contains("level.dat")
     );
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"level data");
-    let r = wings.http.get(&url).send().await.unwrap();
+    let r = wings.public.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 403, "replayed");
     let unused = signed(&id, "file-download", "world/level.dat", 60);
     wings.terminate();
     wings.restart().await;
-    let r = wings.http.get(&url).send().await.unwrap();
+    let r = wings.public.get(&url).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 403, "replayed after a restart");
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={unused}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={unused}")))
         .send()
         .await
         .unwrap();
@@ -1114,8 +1111,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
     // token anywhere, a token for a backup on a file.
     let download = signed(&id, "file-download", "world/level.dat", 60);
     let r = wings
-        .http
-        .post(wings.url(&format!("/upload/file?token={download}")))
+        .public
+        .post(wings.public_url(&format!("/upload/file?token={download}")))
         .body("x")
         .send()
         .await
@@ -1123,23 +1120,23 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
     assert_eq!(r.status().as_u16(), 403);
     let upload = signed(&id, "file-upload", "world/level.dat", 60);
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={upload}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={upload}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
     let console = common::console::token(&id, &["websocket.connect"]);
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={console}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={console}")))
         .send()
         .await
         .unwrap();
     assert!(r.status().is_client_error());
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/backup?token={download}")))
+        .public
+        .get(wings.public_url(&format!("/download/backup?token={download}")))
         .send()
         .await
         .unwrap();
@@ -1150,16 +1147,16 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
         &json!({"sub": "u", "server": id, "scope": "file-download", "file": "world/level.dat", "iat": now - 120, "exp": now - 60, "jti": "e1"}),
     );
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={expired}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={expired}")))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     let long = signed(&id, "file-download", "world/level.dat", 86_400);
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={long}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={long}")))
         .send()
         .await
         .unwrap();
@@ -1169,8 +1166,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
         "other.key.pem",
     );
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/file?token={forged}")))
+        .public
+        .get(wings.public_url(&format!("/download/file?token={forged}")))
         .send()
         .await
         .unwrap();
@@ -1179,8 +1176,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
     // Uploads: a raw body and a multipart form, each to exactly the token's file.
     let token = signed(&id, "file-upload", "uploads/raw.bin", 60);
     let r = wings
-        .http
-        .post(wings.url(&format!("/upload/file?token={token}")))
+        .public
+        .post(wings.public_url(&format!("/upload/file?token={token}")))
         .body(vec![5u8; 3 * 1024 * 1024])
         .send()
         .await
@@ -1200,8 +1197,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
          Content-Type: application/octet-stream\r\n\r\nfrom a form\r\n--{boundary}--\r\n"
     );
     let r = wings
-        .http
-        .post(wings.url(&format!("/upload/file?token={token}")))
+        .public
+        .post(wings.public_url(&format!("/upload/file?token={token}")))
         .header(
             "content-type",
             format!("multipart/form-data; boundary={boundary}"),
@@ -1216,8 +1213,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
         b"from a form"
     );
     let r = wings
-        .http
-        .post(wings.url(&format!("/upload/file?token={token}")))
+        .public
+        .post(wings.public_url(&format!("/upload/file?token={token}")))
         .body("again")
         .send()
         .await
@@ -1230,8 +1227,8 @@ async fn signed_urls_are_single_use_scoped_and_survive_restarts() {
         &json!({"sub": "u", "server": id, "scope": "backup-download", "backup": "b1", "iat": now, "exp": now + 60, "jti": uuid::Uuid::new_v4().to_string()}),
     );
     let r = wings
-        .http
-        .get(wings.url(&format!("/download/backup?token={backup}")))
+        .public
+        .get(wings.public_url(&format!("/download/backup?token={backup}")))
         .send()
         .await
         .unwrap();

@@ -33,7 +33,6 @@ async fn freeciv_full_lifecycle_leaves_nothing_behind() {
     let log = wings
         .http
         .get(wings.url(&format!("/api/servers/{id}/install-logs")))
-        .bearer_auth(common::TOKEN)
         .send()
         .await
         .unwrap()

@@ -7,14 +7,14 @@ Usage: ws_client.py script SCENARIO.json   run steps against one socket; exit 1 
 
 Every wait has a timeout; the transcript of received events is printed on failure.
 
-Script steps (a JSON object with "url", "http" {"base", "token"} and "steps"):
+Script steps (a JSON object with "url", "http" {"base", "cert", "key", "ca"} and "steps"):
   {"send": {"event": ..., "args": [...]}}          send one message
   {"send_raw": "text", "repeat": N}                 send raw text frames
   {"expect": MATCH, "timeout": s}                   wait for a matching event (others are kept)
   {"expect_sequence": [MATCH, ...], "timeout": s}   the matches arrive in this order
   {"expect_none": MATCH, "for": s}                  no matching event arrives for s seconds
   {"expect_close": code, "timeout": s}              the server closes with this code
-  {"http": {"method", "path", "body"}, "status": n} call wings' HTTP API with the node token
+  {"http": {"method", "path", "body"}, "status": n} call wings' HTTP API as the panel (mutual TLS)
   {"reconnect": true}                               open a fresh socket (same url)
 MATCH: {"event": name, "arg": exact first arg, "contains": substring of first arg,
         "json": {key: value} subset of the first arg parsed as JSON}
@@ -23,6 +23,7 @@ MATCH: {"event": name, "arg": exact first arg, "contains": substring of first ar
 import asyncio
 import json
 import socket
+import ssl
 import sys
 import time
 import urllib.parse
@@ -126,16 +127,29 @@ class Session:
                 return time.monotonic() - started
 
 
+def panel_tls(config):
+    """The panel's side of wings' mutual TLS: its certificate, and only the node's CA.
+
+    The node's certificate names it by a URI (urn:mamba:node:<id>), not by a host name, so
+    the chain is verified but the host name is not.
+    """
+    context = ssl.create_default_context(cafile=config["ca"])
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(config["cert"], config["key"])
+    return context
+
+
 def http_call(config, call):
     body = call.get("body")
     request = urllib.request.Request(
         config["base"] + call["path"],
         method=call.get("method", "POST"),
         data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": "Bearer " + config["token"], "Content-Type": "application/json"},
+        headers={"Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=panel_tls(config)) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use super::{TOKEN, Wings, workspace_root};
+use super::{Wings, workspace_root};
 
 pub const ALL: &[&str] = &[
     "websocket.connect",
@@ -67,7 +67,13 @@ pub fn token(server: &str, permissions: &[&str]) -> String {
 }
 
 pub fn ws_url(wings: &Wings, server: &str) -> String {
-    format!("ws://127.0.0.1:{}/api/servers/{server}/ws", wings.port)
+    format!("ws://127.0.0.1:{}/api/servers/{server}/ws", wings.public_port)
+}
+
+/// How the Python client calls the panel's API: mutual TLS with the panel's certificate.
+pub fn panel_http(wings: &Wings) -> Value {
+    let (cert, key, ca) = wings.client_files();
+    json!({"base": wings.url(""), "cert": cert, "key": key, "ca": ca})
 }
 
 pub fn auth(token: &str) -> Value {
@@ -115,7 +121,7 @@ pub async fn python(mode: &str, scenario: &Value) -> (bool, String) {
 pub async fn script(wings: &Wings, server: &str, steps: Vec<Value>, dump: bool) -> String {
     let scenario = json!({
         "url": ws_url(wings, server),
-        "http": {"base": wings.url(""), "token": TOKEN},
+        "http": panel_http(wings),
         "steps": steps,
         "dump": dump,
     });

@@ -1,26 +1,111 @@
-//! Test harness: a real `wings` process with its own port, data folder and Docker network
-//! name prefix, driven over HTTP. Everything it made is removed on drop.
+//! Test harness: a real `wings` process with its own ports, data folder and Docker network
+//! name prefix, enrolled with a throwaway CA (see [`TestPki`]) and driven as the panel drives
+//! it: over mutual TLS with the panel's certificate. Console sockets and signed URLs go to the
+//! public listener, as browsers do. Everything it made is removed on drop.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mamba_shared::node_api::CertificateResponse;
+use mamba_shared::pki::{self, CertSlot, CertificateAuthority, Identity, IssuedKeyPair};
+use mamba_wings::node_identity::{NodeIdentity, NodeRecord};
 use serde_json::{Value, json};
 
 pub mod console;
 
-pub const TOKEN: &str = "test-token-0123456789abcdef0123456789";
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A throwaway copy of the panel's PKI for one test wings: the CA, the panel's client
+/// certificate, and the node id the node's certificate names.
+pub struct TestPki {
+    pub ca: CertificateAuthority,
+    pub node_id: String,
+    pub panel: IssuedKeyPair,
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        let ca = CertificateAuthority::generate("mamba test CA", DAY).unwrap();
+        let panel = ca.issue(&Identity::Panel, DAY).unwrap();
+        TestPki {
+            ca,
+            node_id: unique_id("node"),
+            panel,
+        }
+    }
+
+    /// Writes the node's identity into `data_dir` the way `wings enroll` stores it: a key made
+    /// on the node, its certificate from the CA, the CA, and the panel's token-signing key
+    /// (the test key pair in `fixtures/jwt`, so console and file tokens signed with
+    /// `panel.key.pem` are accepted without further configuration).
+    pub fn enroll(&self, data_dir: &Path) {
+        let (key_pem, csr_pem) = pki::generate_key_and_csr().unwrap();
+        let cert = self
+            .ca
+            .sign_csr(&csr_pem, &Identity::node(&self.node_id).unwrap(), DAY)
+            .unwrap();
+        let token_key = std::fs::read_to_string(console::fixture("panel.pub.pem")).unwrap();
+        let issued = CertificateResponse {
+            node_id: self.node_id.clone(),
+            certificate_pem: cert.pem,
+            ca_pem: self.ca.cert_pem().to_string(),
+            token_public_key_pem: token_key,
+            not_after: cert.info.not_after,
+        };
+        let record = NodeRecord {
+            node_id: self.node_id.clone(),
+            // Nothing listens there: these nodes never call the panel.
+            panel_url: "https://127.0.0.1:9/".into(),
+        };
+        NodeIdentity::install(data_dir, record, &issued, &key_pem).unwrap();
+    }
+
+    /// A client presenting `client` (`CertSlot::empty()` for none) that accepts only this node.
+    pub fn client_with(&self, client: Arc<CertSlot>) -> reqwest::Client {
+        self.client_for(client, &self.node_id)
+    }
+
+    /// A client presenting `client` that accepts only node `node_id` from this CA.
+    pub fn client_for(&self, client: Arc<CertSlot>, node_id: &str) -> reqwest::Client {
+        let tls = pki::client_config(self.ca.cert_pem(), client, Identity::node(node_id).unwrap()).unwrap();
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    }
+
+    /// The panel's client: its certificate from this CA.
+    pub fn panel_client(&self) -> reqwest::Client {
+        self.client_with(CertSlot::new(&self.panel.cert.pem, &self.panel.key_pem).unwrap())
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
 
 pub struct Wings {
     child: Option<Child>,
+    /// The panel's API: mutual TLS.
     pub port: u16,
+    /// Console sockets and signed URLs: plain HTTP.
+    pub public_port: u16,
     /// Every test wings serves SFTP on its own port too.
     pub sftp_port: u16,
     pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+    /// The panel's client (mutual TLS), for `url()`.
     pub http: reqwest::Client,
+    /// A plain client, for `public_url()`: what a browser uses.
+    pub public: reqwest::Client,
     extra_config: String,
 }
 
@@ -95,17 +180,23 @@ impl Wings {
             .prefix("mamba-wings-test")
             .tempdir()
             .unwrap();
+        let pki = TestPki::new();
         let mut wings = Wings {
             child: None,
             port: free_port(),
+            public_port: free_port(),
             sftp_port: free_port(),
             dir,
-            http: reqwest::Client::builder()
+            http: pki.panel_client(),
+            public: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
+            pki,
             extra_config: extra_config.to_string(),
         };
+        wings.pki.enroll(&wings.data_dir());
+        wings.write_client_files();
         wings.spawn().await;
         wings
     }
@@ -118,11 +209,27 @@ impl Wings {
         self.dir.path().join("wings.toml")
     }
 
+    /// The panel's client certificate, its key and the CA as PEM files, for the Python
+    /// clients: `(cert, key, ca)`.
+    pub fn client_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.dir.path();
+        (dir.join("panel.crt"), dir.join("panel.key"), dir.join("ca.crt"))
+    }
+
+    fn write_client_files(&self) {
+        let (cert, key, ca) = self.client_files();
+        std::fs::write(cert, &self.pki.panel.cert.pem).unwrap();
+        std::fs::write(key, &self.pki.panel.key_pem).unwrap();
+        std::fs::write(ca, self.pki.ca.cert_pem()).unwrap();
+    }
+
     async fn spawn(&mut self) {
         // The test's own sections come first so that later keys can extend them.
         let config = format!(
-            "[api]\nlisten = \"127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\n\n[system]\ndata_dir = \"{}\"\n\n{}\n",
+            "[api]\nlisten = \"127.0.0.1:{}\"\npublic_listen = \"127.0.0.1:{}\"\n\n\
+             [system]\ndata_dir = \"{}\"\n\n{}\n",
             self.port,
+            self.public_port,
             self.data_dir().display(),
             self.extra_config
         );
@@ -143,20 +250,23 @@ impl Wings {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let url = self.url("/healthz");
-        let http = self.http.clone();
-        wait_for("wings to answer /healthz", Duration::from_secs(30), || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                http.get(&url)
-                    .send()
-                    .await
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
-            }
-        })
-        .await;
+        for (http, url) in [
+            (self.http.clone(), self.url("/healthz")),
+            (self.public.clone(), self.public_url("/healthz")),
+        ] {
+            wait_for(&format!("wings to answer {url}"), Duration::from_secs(30), || {
+                let (http, url) = (http.clone(), url.clone());
+                async move {
+                    http.get(&url)
+                        .send()
+                        .await
+                        .ok()
+                        .filter(|r| r.status().is_success())
+                        .map(|_| ())
+                }
+            })
+            .await;
+        }
     }
 
     pub fn log(&self) -> String {
@@ -199,13 +309,19 @@ impl Wings {
         self.spawn().await;
     }
 
+    /// A URL on the panel's (mutual-TLS) listener; use it with `http`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
+        format!("https://127.0.0.1:{}{}", self.port, path)
     }
 
-    /// Sends with the node token; answers the status and the JSON body (null if none).
+    /// A URL on the public listener; use it with `public`.
+    pub fn public_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.public_port, path)
+    }
+
+    /// Sends as the panel; answers the status and the JSON body (null if none).
     async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
-        let r = request.bearer_auth(TOKEN).send().await.unwrap();
+        let r = request.send().await.unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
