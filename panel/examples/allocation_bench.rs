@@ -119,6 +119,9 @@ async fn main() {
             overallocation_percent: 0,
             is_public: true,
             maintenance: false,
+            api_port: 8080,
+            public_url: None,
+            sftp_port: 2022,
         })
         .unwrap();
         let node = nodes::create(conn, &new, &Actor::System, &meta).unwrap();

@@ -177,6 +177,9 @@ fn setup(db: &Db, args: &Args) -> Fleet {
             overallocation_percent: 0,
             is_public: true,
             maintenance: false,
+            api_port: 8080,
+            public_url: None,
+            sftp_port: 2022,
         })
         .unwrap();
         let node = nodes::create(&mut conn, &new, &Actor::System, &meta).unwrap().id;

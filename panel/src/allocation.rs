@@ -435,7 +435,7 @@ pub fn delete_pool(
 
 /// Takes the node's lock for the rest of the transaction: the first statement of every
 /// reservation, so reservations on one node run one after the other. 404 for no node.
-fn lock_node(conn: &mut DbConnection, node: &NodeId) -> Result<(), ApiError> {
+pub(crate) fn lock_node(conn: &mut DbConnection, node: &NodeId) -> Result<(), ApiError> {
     let n = diesel::update(nodes::table.find(node.as_str()))
         .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
         .execute(conn)?;

@@ -41,3 +41,4 @@ pub mod servers;
 pub mod tenants;
 pub mod tokens;
 pub mod users;
+pub mod wings_client;

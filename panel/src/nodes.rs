@@ -48,6 +48,9 @@ pub struct NodeRow {
     pub created_at: i64,
     pub updated_at: i64,
     pub decommissioned_at: Option<i64>,
+    pub api_port: i64,
+    pub public_url: String,
+    pub sftp_port: i64,
 }
 
 /// A node as the API shows it.
@@ -70,6 +73,12 @@ pub struct Node {
     pub created_at: i64,
     pub updated_at: i64,
     pub decommissioned_at: Option<i64>,
+    /// The port of wings' mutual-TLS API, which the panel calls (`https://{fqdn}:{api_port}`).
+    pub api_port: u16,
+    /// The base URL browsers reach wings' public listener at (console sockets, signed URLs).
+    pub public_url: String,
+    /// The port wings serves SFTP on.
+    pub sftp_port: u16,
 }
 
 impl From<NodeRow> for Node {
@@ -89,6 +98,9 @@ impl From<NodeRow> for Node {
             created_at: row.created_at,
             updated_at: row.updated_at,
             decommissioned_at: row.decommissioned_at,
+            api_port: u16::try_from(row.api_port).unwrap_or(DEFAULT_API_PORT),
+            public_url: row.public_url,
+            sftp_port: u16::try_from(row.sftp_port).unwrap_or(DEFAULT_SFTP_PORT),
         }
     }
 }
@@ -161,10 +173,66 @@ pub struct NewNode {
     pub is_public: bool,
     #[serde(default)]
     pub maintenance: bool,
+    /// wings' mutual-TLS API port; default 8080.
+    #[serde(default = "default_api_port")]
+    pub api_port: u16,
+    /// Where browsers reach wings' public listener; default `http://{fqdn}:8081`.
+    #[serde(default)]
+    pub public_url: Option<String>,
+    /// wings' SFTP port; default 2022.
+    #[serde(default = "default_sftp_port")]
+    pub sftp_port: u16,
+}
+
+pub const DEFAULT_API_PORT: u16 = 8080;
+pub const DEFAULT_PUBLIC_PORT: u16 = 8081;
+pub const DEFAULT_SFTP_PORT: u16 = 2022;
+
+fn default_api_port() -> u16 {
+    DEFAULT_API_PORT
+}
+
+fn default_sftp_port() -> u16 {
+    DEFAULT_SFTP_PORT
 }
 
 fn yes() -> bool {
     true
+}
+
+/// `http://{fqdn}:8081`, the public listener's default address.
+pub fn default_public_url(fqdn: &str) -> String {
+    if fqdn.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("http://[{fqdn}]:{DEFAULT_PUBLIC_PORT}")
+    } else {
+        format!("http://{fqdn}:{DEFAULT_PUBLIC_PORT}")
+    }
+}
+
+/// An `http` or `https` URL with a host and nothing after it but an optional port; kept
+/// without a trailing slash.
+pub fn check_public_url(url: &str) -> Result<String, String> {
+    let bad = || "must be an http:// or https:// URL of a host (and port), without a path".to_string();
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|_| bad())?;
+    let plain = matches!(parsed.scheme(), "http" | "https")
+        && parsed.host_str().is_some_and(|h| !h.is_empty())
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path() == "/"
+        && parsed.query().is_none()
+        && parsed.fragment().is_none();
+    if !plain || url.len() > 255 {
+        return Err(bad());
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_string())
+}
+
+fn check_port(port: u16) -> Result<u16, String> {
+    if port == 0 {
+        Err("must be between 1 and 65535".into())
+    } else {
+        Ok(port)
+    }
 }
 
 /// Fields to change; absent ones stay.
@@ -180,6 +248,9 @@ pub struct NodeChanges {
     pub overallocation_percent: Option<i64>,
     pub is_public: Option<bool>,
     pub maintenance: Option<bool>,
+    pub api_port: Option<u16>,
+    pub public_url: Option<String>,
+    pub sftp_port: Option<u16>,
 }
 
 fn check_name(name: &str) -> Result<String, String> {
@@ -267,11 +338,18 @@ pub fn check_new(new: &NewNode) -> Result<NewNode, ApiError> {
         "overallocation_percent",
         check_range(new.overallocation_percent, 0, MAX_OVERALLOCATION_PERCENT),
     );
+    e.take("api_port", check_port(new.api_port));
+    e.take("sftp_port", check_port(new.sftp_port));
+    let public_url = match &new.public_url {
+        Some(url) => e.take("public_url", check_public_url(url)),
+        None => fqdn.as_deref().map(default_public_url),
+    };
     e.finish()?;
     Ok(NewNode {
         name: name.unwrap_or_default(),
         fqdn: fqdn.unwrap_or_default(),
         location: location.unwrap_or_default(),
+        public_url,
         ..new.clone()
     })
 }
@@ -302,6 +380,15 @@ pub fn check_changes(changes: &NodeChanges) -> Result<NodeChanges, ApiError> {
             "overallocation_percent",
             check_range(v, 0, MAX_OVERALLOCATION_PERCENT),
         );
+    }
+    if let Some(v) = changes.api_port {
+        e.take("api_port", check_port(v));
+    }
+    if let Some(v) = changes.sftp_port {
+        e.take("sftp_port", check_port(v));
+    }
+    if let Some(v) = &changes.public_url {
+        out.public_url = e.take("public_url", check_public_url(v));
     }
     e.finish()?;
     Ok(out)
@@ -346,6 +433,12 @@ pub fn create(
                 nodes::reservation_seq.eq(0i64),
                 nodes::created_at.eq(now),
                 nodes::updated_at.eq(now),
+                nodes::api_port.eq(i64::from(new.api_port)),
+                nodes::public_url.eq(new
+                    .public_url
+                    .clone()
+                    .unwrap_or_else(|| default_public_url(&new.fqdn))),
+                nodes::sftp_port.eq(i64::from(new.sftp_port)),
             ))
             .execute(conn)
             .map_err(map_unique)?;
@@ -358,7 +451,10 @@ pub fn create(
                 action: "node.create",
                 resource_type: "node",
                 resource_id: Some(id.to_string()),
-                metadata: json!({ "name": new.name, "fqdn": new.fqdn, "location": new.location }),
+                metadata: json!({
+                    "name": new.name, "fqdn": new.fqdn, "location": new.location,
+                    "api_port": new.api_port, "public_url": new.public_url, "sftp_port": new.sftp_port,
+                }),
             },
         )?;
         Ok(nodes::table
@@ -488,6 +584,9 @@ pub fn update(
                     .unwrap_or(node.overallocation_percent)),
                 nodes::is_public.eq(changes.is_public.unwrap_or(node.is_public)),
                 nodes::maintenance.eq(changes.maintenance.unwrap_or(node.maintenance)),
+                nodes::api_port.eq(i64::from(changes.api_port.unwrap_or(node.api_port))),
+                nodes::public_url.eq(changes.public_url.as_ref().unwrap_or(&node.public_url)),
+                nodes::sftp_port.eq(i64::from(changes.sftp_port.unwrap_or(node.sftp_port))),
                 nodes::updated_at.eq(now_ms()),
             ))
             .execute(conn)
@@ -506,6 +605,8 @@ pub fn update(
                     "cpu_percent": changes.cpu_percent, "memory_mb": changes.memory_mb,
                     "disk_mb": changes.disk_mb, "overallocation_percent": changes.overallocation_percent,
                     "is_public": changes.is_public, "maintenance": changes.maintenance,
+                    "api_port": changes.api_port, "public_url": changes.public_url,
+                    "sftp_port": changes.sftp_port,
                 }),
             },
         )?;
@@ -646,6 +747,26 @@ mod tests {
     }
 
     #[test]
+    fn public_urls_are_plain_http_bases() {
+        assert_eq!(
+            check_public_url("https://Node1.example.com:8443/").unwrap(),
+            "https://node1.example.com:8443"
+        );
+        assert_eq!(default_public_url("::1"), "http://[::1]:8081");
+        assert!(check_public_url("http://[::1]:8081").is_ok());
+        for bad in [
+            "ftp://x",
+            "http://x/path",
+            "http://u:p@x",
+            "http://x?q=1",
+            "x:80",
+            "",
+        ] {
+            assert!(check_public_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn overallocation_scales_every_limit() {
         let node = Node {
             id: NodeId::generate(),
@@ -662,6 +783,9 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             decommissioned_at: None,
+            api_port: DEFAULT_API_PORT,
+            public_url: default_public_url("n"),
+            sftp_port: DEFAULT_SFTP_PORT,
         };
         assert_eq!(
             node.limits(),

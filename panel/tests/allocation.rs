@@ -75,6 +75,9 @@ fn node(db: &Db, name: &str, memory_mb: i64, overallocation_percent: i64) -> Nod
         overallocation_percent,
         is_public: true,
         maintenance: false,
+        api_port: 8080,
+        public_url: None,
+        sftp_port: 2022,
     })
     .unwrap();
     nodes::create(&mut conn, &new, &Actor::System, &meta())

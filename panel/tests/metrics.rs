@@ -78,6 +78,9 @@ fn node(db: &Db, name: &str) -> NodeId {
         overallocation_percent: 0,
         is_public: true,
         maintenance: false,
+        api_port: 8080,
+        public_url: None,
+        sftp_port: 2022,
     })
     .unwrap();
     nodes::create(&mut conn, &new, &Actor::System, &meta())

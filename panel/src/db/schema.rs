@@ -83,6 +83,11 @@ diesel::table! {
         require_two_factor -> Bool,
         created_at -> BigInt,
         updated_at -> BigInt,
+        max_servers -> Nullable<BigInt>,
+        max_memory_mb -> Nullable<BigInt>,
+        max_cpu_percent -> Nullable<BigInt>,
+        max_disk_mb -> Nullable<BigInt>,
+        quota_seq -> BigInt,
     }
 }
 
@@ -214,6 +219,9 @@ diesel::table! {
         created_at -> BigInt,
         updated_at -> BigInt,
         decommissioned_at -> Nullable<BigInt>,
+        api_port -> BigInt,
+        public_url -> Text,
+        sftp_port -> BigInt,
     }
 }
 
@@ -244,6 +252,8 @@ diesel::table! {
         status -> Text,
         created_at -> BigInt,
         updated_at -> BigInt,
+        suspended_at -> Nullable<BigInt>,
+        image -> Nullable<Text>,
     }
 }
 

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod node;
+
 use std::time::Duration;
 
 use actix_web::web;

@@ -1,0 +1,11 @@
+ALTER TABLE tenants DROP COLUMN quota_seq;
+ALTER TABLE tenants DROP COLUMN max_disk_mb;
+ALTER TABLE tenants DROP COLUMN max_cpu_percent;
+ALTER TABLE tenants DROP COLUMN max_memory_mb;
+ALTER TABLE tenants DROP COLUMN max_servers;
+DROP INDEX servers_tenant_status;
+ALTER TABLE servers DROP COLUMN image;
+ALTER TABLE servers DROP COLUMN suspended_at;
+ALTER TABLE nodes DROP COLUMN sftp_port;
+ALTER TABLE nodes DROP COLUMN public_url;
+ALTER TABLE nodes DROP COLUMN api_port;
