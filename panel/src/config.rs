@@ -28,6 +28,8 @@ pub struct Config {
     pub node_listener: NodeListenerConfig,
     pub server_metrics: ServerMetricsConfig,
     pub jobs: JobsConfig,
+    pub servers: ServersConfig,
+    pub quotas: QuotaConfig,
 }
 
 /// The durable job engine (`jobs`): the workers that install, power and delete servers.
@@ -62,6 +64,49 @@ impl Default for JobsConfig {
             backoff_base_ms: 2000,
             backoff_cap_secs: 300,
             install_timeout_secs: 1800,
+        }
+    }
+}
+
+/// Servers through the panel (`http::servers`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServersConfig {
+    /// Seconds a console token lives (wings refuses tokens longer than its own
+    /// `tokens.max_lifetime_secs`, 900 by default).
+    pub console_token_secs: u64,
+}
+
+impl Default for ServersConfig {
+    fn default() -> Self {
+        ServersConfig {
+            console_token_secs: 300,
+        }
+    }
+}
+
+/// What a tenant may hold unless an operator set its own quota (`tenants.max_*`). The same
+/// for every tenant, operators' own included: a quota is a limit on a tenant, not a
+/// permission of a user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    pub max_servers: i64,
+    /// Memory of all the tenant's servers together, in MB.
+    pub max_memory_mb: i64,
+    /// CPU of all the tenant's servers together, 100 per core.
+    pub max_cpu_percent: i64,
+    /// Disk of all the tenant's servers together, in MB.
+    pub max_disk_mb: i64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            max_servers: 10,
+            max_memory_mb: 32_768,
+            max_cpu_percent: 1600,
+            max_disk_mb: 204_800,
         }
     }
 }
@@ -418,6 +463,16 @@ impl Config {
         }
         if !(10..=86_400).contains(&self.jobs.install_timeout_secs) {
             return bad("jobs.install_timeout_secs must be between 10 and 86400");
+        }
+        if !(30..=3600).contains(&self.servers.console_token_secs) {
+            return bad("servers.console_token_secs must be between 30 and 3600");
+        }
+        let q = &self.quotas;
+        if [q.max_servers, q.max_memory_mb, q.max_cpu_percent, q.max_disk_mb]
+            .iter()
+            .any(|v| !(0..=1 << 40).contains(v))
+        {
+            return bad("quotas.max_* must be between 0 and 2^40");
         }
         if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");

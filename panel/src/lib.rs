@@ -16,6 +16,7 @@ pub mod audit;
 pub mod authz;
 pub mod blueprints;
 pub mod config;
+pub mod console_token;
 pub mod db;
 pub mod eggs;
 pub mod error;

@@ -71,7 +71,13 @@ pub const CATALOGUE: &[Permission] = &[
     p("settings.rename", "settings", "Rename servers"),
     p("settings.reinstall", "settings", "Reinstall servers"),
     p("activity.read", "activity", "See servers' activity"),
+    p("server.read", "servers", "See servers, their status and metrics"),
     p("server.create", "servers", "Create servers"),
+    p(
+        "server.update",
+        "servers",
+        "Change servers' limits (within the tenant's quota)",
+    ),
     p("server.delete", "servers", "Delete servers"),
     p("member.read", "members", "See members and invitations"),
     p(
@@ -123,6 +129,7 @@ pub const BUILT_IN: [BuiltInRole; 4] = [
 ];
 
 const SUPPORT: &[&str] = &[
+    "server.read",
     "websocket.connect",
     "control.console",
     "admin.websocket.errors",
@@ -139,6 +146,7 @@ const SUPPORT: &[&str] = &[
 ];
 
 const MEMBER: &[&str] = &[
+    "server.read",
     "websocket.connect",
     "control.console",
     "control.start",

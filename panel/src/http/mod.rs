@@ -11,6 +11,7 @@ pub(crate) mod health;
 pub(crate) mod jobs;
 pub mod node_pki;
 pub(crate) mod nodes;
+pub(crate) mod servers;
 pub(crate) mod tenants;
 
 use std::sync::Arc;
@@ -137,6 +138,8 @@ pub fn app(
             web::scope("/api/v1")
                 .configure(auth::configure)
                 .configure(account::configure)
+                // Before the tenant scope, which would otherwise take `/tenants/{tenant}/servers`.
+                .configure(servers::configure)
                 .configure(tenants::configure)
                 .configure(nodes::configure)
                 .configure(blueprints::configure)

@@ -53,7 +53,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// Authorises the caller for the tenant in the path.
-async fn scoped(state: &AppState, auth: &Authenticated, tenant: String) -> Result<TenantScope, ApiError> {
+pub(crate) async fn scoped(
+    state: &AppState,
+    auth: &Authenticated,
+    tenant: String,
+) -> Result<TenantScope, ApiError> {
     let user = auth.user.clone();
     let via = auth.via.clone();
     let actor = match &via {
