@@ -551,7 +551,7 @@ pub struct Request {
 pub enum ReserveError {
     #[error("no such node")]
     NoNode,
-    #[error("the node takes no new servers (maintenance or decommissioned)")]
+    #[error("the node takes no new servers (maintenance, decommissioned or offline)")]
     NodeUnavailable,
     #[error("not enough {0} left on the node")]
     NoCapacity(&'static str),
@@ -614,6 +614,7 @@ pub fn place(
         .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
         .filter(nodes::is_public.eq(true))
         .filter(nodes::maintenance.eq(false))
+        .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE))
         .select(node_data::NodeRow::as_select())
         .into_boxed();
     if let Some(location) = &request.location {
@@ -672,7 +673,10 @@ fn reserve_once(
         nodes::table
             .find(node.as_str())
             .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
-            .filter(nodes::maintenance.eq(false)),
+            .filter(nodes::maintenance.eq(false))
+            // A node that stopped heartbeating cannot install anything; one never heard from
+            // yet is still placeable (it may be enrolling).
+            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE)),
     )
     .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
     .execute(conn)?;

@@ -30,6 +30,55 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub servers: ServersConfig,
     pub quotas: QuotaConfig,
+    pub heartbeats: HeartbeatsConfig,
+    pub notifications: NotificationsConfig,
+}
+
+/// Node heartbeats (`telemetry`): when a silent node counts as offline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeartbeatsConfig {
+    /// Seconds without a heartbeat after which an online node is marked offline (and
+    /// placement skips it). Its next heartbeat brings it back. Keep it a few times wings'
+    /// `reporter.heartbeat_interval_secs`.
+    pub offline_after_secs: u64,
+    /// Seconds between the checks for silent nodes inside `panel serve`.
+    pub check_interval_secs: u64,
+}
+
+impl Default for HeartbeatsConfig {
+    fn default() -> Self {
+        HeartbeatsConfig {
+            offline_after_secs: 60,
+            check_interval_secs: 15,
+        }
+    }
+}
+
+/// The notification hook for server events (`notify`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// Each stored server event is POSTed here as JSON. Empty: no webhook.
+    pub webhook_url: String,
+    /// The HMAC-SHA256 key of the `X-Mamba-Signature` header (at least 16 characters when a
+    /// webhook is set). Prefer PANEL_NOTIFICATIONS__WEBHOOK_SECRET over the file.
+    pub webhook_secret: String,
+    /// Seconds one delivery attempt may take.
+    pub timeout_secs: u64,
+    /// Longest wait between retries of a failed delivery (they start at 1 s and double).
+    pub max_backoff_secs: u64,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            webhook_url: String::new(),
+            webhook_secret: String::new(),
+            timeout_secs: 10,
+            max_backoff_secs: 600,
+        }
+    }
 }
 
 /// The durable job engine (`jobs`): the workers that install, power and delete servers.
@@ -473,6 +522,24 @@ impl Config {
             .any(|v| !(0..=1 << 40).contains(v))
         {
             return bad("quotas.max_* must be between 0 and 2^40");
+        }
+        if !(1..=86_400).contains(&self.heartbeats.offline_after_secs)
+            || !(1..=3600).contains(&self.heartbeats.check_interval_secs)
+        {
+            return bad(
+                "heartbeats.offline_after_secs must be between 1 and 86400, heartbeats.check_interval_secs between 1 and 3600",
+            );
+        }
+        let hook = &self.notifications.webhook_url;
+        if !hook.is_empty() {
+            if !(hook.starts_with("http://") || hook.starts_with("https://")) {
+                return bad("notifications.webhook_url must start with http:// or https://");
+            }
+            if self.notifications.webhook_secret.len() < 16 {
+                return bad(
+                    "notifications.webhook_secret must have at least 16 characters when a webhook is set",
+                );
+            }
         }
         if !self.smtp.host.is_empty() && self.smtp.from.parse::<lettre::message::Mailbox>().is_err() {
             return bad("smtp.from must be an address such as `Mamba <noreply@example.com>`");

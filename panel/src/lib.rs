@@ -6,7 +6,9 @@
 //! `request_meta` (client address behind trusted proxies), `events` (the cross-replica event
 //! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
 //! and `eggs` (the blueprint registry and the egg importer), `metrics_store` (servers' samples
-//! and hourly rollups), `node_pki` (the node CA, enrollment tokens and node certificates),
+//! and hourly rollups), `node_pki` (the node CA, enrollment tokens and node certificates), `telemetry`
+//! (heartbeats, node online/offline, server events, utilisation) and `notify` (the signed
+//! event webhook),
 //! `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
@@ -31,6 +33,7 @@ pub mod metrics;
 pub mod metrics_store;
 pub mod node_pki;
 pub mod nodes;
+pub mod notify;
 pub mod openapi;
 pub mod pagination;
 pub mod password;
@@ -39,6 +42,7 @@ pub mod ratelimit;
 pub mod request_meta;
 pub mod secrets;
 pub mod servers;
+pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
 pub mod users;

@@ -123,6 +123,12 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
     metrics.register_events(state.events.metrics())?;
     let node_listen = state.config.node_listener.listen;
     mamba_panel::node_pki::spawn_maintenance(state.pki.clone(), state.db.clone());
+    mamba_panel::telemetry::spawn_heartbeat_monitor(state.db.clone(), &state.config.heartbeats);
+    mamba_panel::notify::spawn_webhook_delivery(
+        state.db.clone(),
+        state.config.notifications.clone(),
+        state.telemetry_wake.clone(),
+    );
     let state = web::Data::new(state);
     let metrics = web::Data::new(metrics);
     let node_listener = std::net::TcpListener::bind(node_listen)

@@ -23,6 +23,11 @@ use crate::request_meta::RequestMeta;
 
 pub const STATUS_ACTIVE: &str = "active";
 pub const STATUS_DECOMMISSIONED: &str = "decommissioned";
+/// A node's connectivity (`telemetry` keeps it): never heard from, heartbeating, or silent
+/// for longer than `heartbeats.offline_after_secs`.
+pub const CONNECTIVITY_NEW: &str = "new";
+pub const CONNECTIVITY_ONLINE: &str = "online";
+pub const CONNECTIVITY_OFFLINE: &str = "offline";
 
 /// Upper bounds that keep capacity arithmetic far from overflow.
 const MAX_CPU_PERCENT: i64 = 100 * 4096;
@@ -51,6 +56,8 @@ pub struct NodeRow {
     pub api_port: i64,
     pub public_url: String,
     pub sftp_port: i64,
+    pub last_heartbeat_at: Option<i64>,
+    pub connectivity: String,
 }
 
 /// A node as the API shows it.
@@ -79,6 +86,11 @@ pub struct Node {
     pub public_url: String,
     /// The port wings serves SFTP on.
     pub sftp_port: u16,
+    /// When its last heartbeat arrived (ms since the epoch); `null` before the first.
+    pub last_heartbeat_at: Option<i64>,
+    /// `new` (never heard from), `online`, or `offline` (missed heartbeats for longer than
+    /// `heartbeats.offline_after_secs`; placement skips it until it is heard from again).
+    pub connectivity: String,
 }
 
 impl From<NodeRow> for Node {
@@ -101,6 +113,8 @@ impl From<NodeRow> for Node {
             api_port: u16::try_from(row.api_port).unwrap_or(DEFAULT_API_PORT),
             public_url: row.public_url,
             sftp_port: u16::try_from(row.sftp_port).unwrap_or(DEFAULT_SFTP_PORT),
+            last_heartbeat_at: row.last_heartbeat_at,
+            connectivity: row.connectivity,
         }
     }
 }
@@ -786,6 +800,8 @@ mod tests {
             api_port: DEFAULT_API_PORT,
             public_url: default_public_url("n"),
             sftp_port: DEFAULT_SFTP_PORT,
+            last_heartbeat_at: None,
+            connectivity: CONNECTIVITY_NEW.into(),
         };
         assert_eq!(
             node.limits(),

@@ -212,6 +212,8 @@ impl Modify for Security {
         crate::http::servers::admin_set_quota,
         crate::http::servers::suspend_server,
         crate::http::servers::unsuspend_server,
+        crate::http::node_api::node_utilisation,
+        crate::http::node_api::server_events,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -229,7 +231,9 @@ impl Modify for Security {
         crate::servers::Quota, crate::servers::QuotaOverrides, crate::servers::QuotaUsage,
         crate::http::servers::ServerDetail, crate::http::servers::ConsoleAccess, crate::http::servers::PowerBody,
         crate::http::servers::CommandsBody, crate::http::servers::SuspendAnswer, crate::metrics_store::Series,
-        crate::metrics_store::Point, crate::metrics_store::Range, crate::metrics_store::Resolution
+        crate::metrics_store::Point, crate::metrics_store::Range, crate::metrics_store::Resolution,
+        crate::telemetry::Utilisation, crate::telemetry::LiveUsage,
+        crate::telemetry::ServerEvent, Page<crate::telemetry::ServerEvent>
     )),
     modifiers(&Security),
 )]

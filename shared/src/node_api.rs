@@ -98,6 +98,149 @@ pub struct RenewRequest {
     pub csr_pem: String,
 }
 
+/// `POST` [`Heartbeat`]: the node is alive; answered with [`HeartbeatAck`].
+pub const HEARTBEAT_PATH: &str = "/api/node/v1/heartbeat";
+/// `POST` a [`crate::metrics::MetricsBatch`]; answered with [`crate::metrics::IngestReport`].
+pub const METRICS_PATH: &str = "/api/node/v1/metrics";
+/// `POST` an [`EventsBatch`]; answered with [`EventsReport`].
+pub const EVENTS_PATH: &str = "/api/node/v1/events";
+
+/// Most servers a heartbeat may list, and most events one batch may carry.
+pub const MAX_HEARTBEAT_SERVERS: usize = 10_000;
+pub const MAX_EVENTS_PER_BATCH: usize = 1_000;
+/// Longest event message (characters) and largest event `data` (bytes of JSON).
+pub const MAX_EVENT_MESSAGE_CHARS: usize = 1_024;
+pub const MAX_EVENT_DATA_BYTES: usize = 4_096;
+
+/// What a node says about itself every heartbeat interval. Not buffered: a heartbeat that
+/// cannot be delivered is simply superseded by the next one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The wings version.
+    pub version: String,
+    /// Seconds since wings started.
+    pub uptime_s: u64,
+    pub resources: NodeResources,
+    /// Every server wings knows, with its state (`offline`, `starting`, `running`, ...).
+    pub servers: Vec<HeartbeatServer>,
+}
+
+/// The host's resources as wings sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeResources {
+    pub cpu_cores: u32,
+    /// One-minute load average, in thousandths.
+    pub load_1m_milli: u64,
+    pub memory_total_mb: u64,
+    pub memory_available_mb: u64,
+    /// Of the filesystem holding wings' data folder.
+    pub disk_total_mb: u64,
+    pub disk_free_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatServer {
+    pub server_id: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatAck {
+    pub node_id: String,
+    /// The panel's clock, in milliseconds since the epoch.
+    pub received_at_ms: i64,
+}
+
+/// What happened to a server, as wings reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The game exited without being asked to.
+    Crashed,
+    /// The crash guard started it again.
+    Restarted,
+    /// The crash guard gave up restarting it.
+    CrashLoop,
+    /// The kernel killed it for using more memory than its limit.
+    OomKilled,
+    InstallFinished,
+    InstallFailed,
+    BackupProgress,
+    BackupCompleted,
+    BackupFailed,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Crashed => "crashed",
+            EventKind::Restarted => "restarted",
+            EventKind::CrashLoop => "crash_loop",
+            EventKind::OomKilled => "oom_killed",
+            EventKind::InstallFinished => "install_finished",
+            EventKind::InstallFailed => "install_failed",
+            EventKind::BackupProgress => "backup_progress",
+            EventKind::BackupCompleted => "backup_completed",
+            EventKind::BackupFailed => "backup_failed",
+        }
+    }
+}
+
+/// One event. `id` is chosen by wings when the event happens and never changes, so a
+/// re-delivered event is recognised (per node) and stored once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEvent {
+    /// A UUID.
+    pub id: String,
+    pub server_id: String,
+    pub kind: EventKind,
+    /// When it happened, in milliseconds since the epoch.
+    pub at_ms: i64,
+    /// A human-readable line, at most [`MAX_EVENT_MESSAGE_CHARS`].
+    #[serde(default)]
+    pub message: String,
+    /// Kind-specific details (exit code, backup id, progress), at most
+    /// [`MAX_EVENT_DATA_BYTES`] of JSON.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsBatch {
+    pub events: Vec<NodeEvent>,
+}
+
+/// Why the panel refused one event. Final: wings drops it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventRefusal {
+    /// The server does not exist (any more).
+    UnknownServer,
+    /// Malformed: an id that is not a UUID, a message or data too long.
+    Invalid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedEvent {
+    pub index: usize,
+    pub event_id: String,
+    pub reason: EventRefusal,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsReport {
+    pub stored: u64,
+    /// Events the panel already had (a re-delivery).
+    pub duplicates: u64,
+    pub refused: Vec<RefusedEvent>,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -222,6 +222,8 @@ diesel::table! {
         api_port -> BigInt,
         public_url -> Text,
         sftp_port -> BigInt,
+        last_heartbeat_at -> Nullable<BigInt>,
+        connectivity -> Text,
     }
 }
 
@@ -399,3 +401,32 @@ diesel::table! {
         finished_at -> Nullable<BigInt>,
     }
 }
+
+diesel::table! {
+    node_heartbeats (node_id) {
+        node_id -> Text,
+        received_at -> BigInt,
+        report -> Text,
+    }
+}
+
+diesel::table! {
+    server_events (id) {
+        id -> Text,
+        node_id -> Text,
+        event_id -> Text,
+        server_id -> Text,
+        tenant_id -> Text,
+        kind -> Text,
+        occurred_at -> BigInt,
+        received_at -> BigInt,
+        message -> Text,
+        data -> Text,
+        notified_at -> Nullable<BigInt>,
+        notify_attempts -> BigInt,
+        notify_next_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(nodes, node_heartbeats);
+diesel::allow_tables_to_appear_in_same_query!(servers, server_events);

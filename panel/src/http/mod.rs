@@ -9,6 +9,7 @@ pub(crate) mod blueprints;
 pub mod extract;
 pub(crate) mod health;
 pub(crate) mod jobs;
+pub(crate) mod node_api;
 pub mod node_pki;
 pub(crate) mod nodes;
 pub(crate) mod servers;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub blueprints: Arc<crate::blueprints::Registry>,
     /// The node CA, token-signing key and the cache of live node certificates.
     pub pki: Arc<crate::node_pki::PanelPki>,
+    /// Woken when server events were stored, so the webhook task sends them promptly.
+    pub telemetry_wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,7 @@ impl AppState {
         )?);
         Ok(AppState {
             pki,
+            telemetry_wake: Arc::new(tokio::sync::Notify::new()),
             dummy_hash: hasher.dummy_hash()?,
             hasher,
             links: LinkSigner::new(master),
@@ -140,6 +144,7 @@ pub fn app(
                 .configure(account::configure)
                 // Before the tenant scope, which would otherwise take `/tenants/{tenant}/servers`.
                 .configure(servers::configure)
+                .configure(node_api::configure)
                 .configure(tenants::configure)
                 .configure(nodes::configure)
                 .configure(blueprints::configure)

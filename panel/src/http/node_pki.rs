@@ -261,6 +261,7 @@ pub fn node_app(
         .route(ENROLL_PATH, web::post().to(enroll))
         .route(RENEW_PATH, web::post().to(renew))
         .route(IDENTITY_PATH, web::get().to(identity))
+        .configure(super::node_api::configure_node)
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
                 actix_web::http::StatusCode::NOT_FOUND,
