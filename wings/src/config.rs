@@ -24,6 +24,41 @@ pub struct Config {
     pub files: FilesConfig,
     pub backups: BackupsConfig,
     pub sftp: SftpConfig,
+    pub reporter: ReporterConfig,
+}
+
+/// What an enrolled node reports to the panel over mutual TLS (`reporter`, ADR 0011).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReporterConfig {
+    /// Seconds between heartbeats. The panel marks a node offline after
+    /// `heartbeats.offline_after_secs` without one.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds between resource samples of every server.
+    pub sample_interval_secs: u64,
+    /// Bytes the on-disk outbox (`<data_dir>/outbox/`) may hold while the panel is
+    /// unreachable. Beyond it the oldest records are dropped (and counted in the log).
+    pub outbox_max_bytes: u64,
+    /// Bytes per outbox segment file (at most a quarter of `outbox_max_bytes`).
+    pub outbox_segment_bytes: u64,
+    /// Longest wait between delivery attempts while the panel is unreachable (they start at
+    /// 1 s and double).
+    pub retry_max_secs: u64,
+    /// Seconds one request to the panel may take.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ReporterConfig {
+    fn default() -> Self {
+        ReporterConfig {
+            heartbeat_interval_secs: 15,
+            sample_interval_secs: 30,
+            outbox_max_bytes: 64 * 1024 * 1024,
+            outbox_segment_bytes: 1024 * 1024,
+            retry_max_secs: 60,
+            request_timeout_secs: 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -483,6 +518,23 @@ impl Config {
         let files = &self.files;
         if !(1..=3600).contains(&files.disk_check_interval_secs) {
             return bad("files.disk_check_interval_secs must be between 1 and 3600");
+        }
+        let r = &self.reporter;
+        if !(1..=3600).contains(&r.heartbeat_interval_secs) || !(1..=3600).contains(&r.sample_interval_secs) {
+            return bad(
+                "reporter.heartbeat_interval_secs and reporter.sample_interval_secs must be between 1 and 3600",
+            );
+        }
+        if r.outbox_max_bytes < 4096
+            || r.outbox_segment_bytes == 0
+            || r.outbox_segment_bytes > r.outbox_max_bytes / 4
+        {
+            return bad(
+                "reporter.outbox_max_bytes must be at least 4096 and reporter.outbox_segment_bytes between 1 and a quarter of it",
+            );
+        }
+        if r.retry_max_secs == 0 || r.request_timeout_secs == 0 {
+            return bad("reporter.retry_max_secs and reporter.request_timeout_secs must be at least 1");
         }
         let sftp = &self.sftp;
         if sftp.max_connections == 0

@@ -425,6 +425,20 @@ impl DockerClient {
         })
     }
 
+    /// One stats reading (Docker takes two readings a second apart to compute CPU).
+    pub async fn stats_once(&self, id: &str) -> Result<Option<ResourceSample>, DockerError> {
+        let options = StatsOptionsBuilder::new().stream(false).one_shot(false).build();
+        let mut stream = self.docker.stats(id, Some(options));
+        let first = self
+            .timed(async { Ok::<_, BollardError>(stream.next().await) })
+            .await?;
+        match first {
+            Some(Ok(s)) => Ok(Some(ResourceSample::from_stats(&s))),
+            Some(Err(e)) => Err(DockerError::from(e)),
+            None => Ok(None),
+        }
+    }
+
     pub async fn list_managed(&self, data_dir: &str) -> Result<Vec<ManagedContainer>, DockerError> {
         let mut filters = HashMap::new();
         filters.insert(

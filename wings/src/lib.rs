@@ -8,6 +8,7 @@ pub mod docker;
 pub mod files;
 pub mod node_identity;
 pub mod rcon;
+pub mod reporter;
 pub mod server;
 pub mod sftp;
 pub mod system;

@@ -148,8 +148,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let sftp_config = config.sftp.clone();
         let host_key = host_key_path(&config.sftp, &config.system.data_dir);
         let pull_client = mamba_wings::files::pull::client(&config.files)?;
+        let data_dir = config.system.data_dir.clone();
         let manager = Manager::start(config).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
+        if let Some(identity) = &identity {
+            mamba_wings::reporter::spawn(identity.clone(), manager.clone(), &data_dir, shutdown.clone())?;
+            tracing::info!(panel = %identity.record.panel_url, "reporting heartbeats, samples and events to the panel");
+        }
         let sftp_task = if sftp_config.enabled {
             let credentials = (!sftp_config.credentials_file.is_empty())
                 .then(|| PathBuf::from(&sftp_config.credentials_file));

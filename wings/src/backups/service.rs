@@ -317,6 +317,15 @@ impl Backups {
             ),
         };
         server.console.daemon(&message);
+        server.report(
+            if record.state == BackupState::Complete {
+                mamba_shared::node_api::EventKind::BackupCompleted
+            } else {
+                mamba_shared::node_api::EventKind::BackupFailed
+            },
+            message.clone(),
+            serde_json::json!({ "backup_id": record.id.to_string() }),
+        );
         server.console.broadcast(ConsoleEvent::Backup {
             event: outbound::BACKUP_COMPLETED,
             data: Arc::new(event),

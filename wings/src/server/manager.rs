@@ -57,7 +57,11 @@ impl Manager {
         docker
             .ensure_network(&config.docker.network, config.docker.inter_container_traffic)
             .await?;
-        let ctx = Arc::new(Context { config, docker });
+        let ctx = Arc::new(Context {
+            config,
+            docker,
+            reports: tokio::sync::broadcast::channel(1024).0,
+        });
         for dir in [ctx.servers_dir(), ctx.volumes_dir()] {
             std::fs::create_dir_all(&dir)?;
         }

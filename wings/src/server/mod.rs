@@ -44,6 +44,9 @@ use crate::rcon::{RconClient, RconError};
 pub struct Context {
     pub config: Config,
     pub docker: DockerClient,
+    /// Server events for the panel (crashes, restarts, installs). Sending never blocks: the
+    /// reporter subscribes once enrolled, and without it events are not kept.
+    pub reports: tokio::sync::broadcast::Sender<mamba_shared::node_api::NodeEvent>,
 }
 
 impl Context {
@@ -519,9 +522,16 @@ impl Server {
                     restart_at = None;
                     self.with_record(|r| r.crash.next_restart_at_ms = None);
                     self.console.daemon("Restarting after an unexpected exit");
-                    if let Err(e) = self.start().await {
-                        self.fail(format!("Restart failed: {e}"));
-                        restart_at = self.on_unexpected_exit(&mut guard, ExitStatus { code: -1, oom_killed: false });
+                    match self.start().await {
+                        Ok(()) => self.report(
+                            mamba_shared::node_api::EventKind::Restarted,
+                            "restarted after an unexpected exit".into(),
+                            serde_json::json!({ "attempt": guard.attempts() }),
+                        ),
+                        Err(e) => {
+                            self.fail(format!("Restart failed: {e}"));
+                            restart_at = self.on_unexpected_exit(&mut guard, ExitStatus { code: -1, oom_killed: false });
+                        }
                     }
                     continue;
                 }
@@ -617,6 +627,20 @@ impl Server {
         }
     }
 
+    /// Tells the panel (through the reporter) that something happened to this server.
+    pub fn report(&self, kind: mamba_shared::node_api::EventKind, message: String, data: serde_json::Value) {
+        let event = mamba_shared::node_api::NodeEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            server_id: self.id.to_string(),
+            kind,
+            at_ms: i64::try_from(now_ms()).unwrap_or(i64::MAX),
+            message,
+            data,
+        };
+        // No subscriber (not enrolled): nothing to report to.
+        let _ = self.ctx.reports.send(event);
+    }
+
     /// A container run ended. Returns when to restart it, if the crash guard says so.
     fn on_exit(&self, guard: &mut CrashGuard, status: ExitStatus) -> Option<tokio::time::Instant> {
         let expected = self.expecting_exit.load(Ordering::SeqCst)
@@ -647,6 +671,22 @@ impl Server {
             }
         ));
         tracing::warn!(server.id = %self.id, exit.code = status.code, exit.oom = status.oom_killed, "server exited unexpectedly");
+        {
+            use mamba_shared::node_api::EventKind;
+            let data = serde_json::json!({ "exit_code": status.code, "oom_killed": status.oom_killed });
+            if status.oom_killed {
+                self.report(
+                    EventKind::OomKilled,
+                    "the server was killed: out of memory".into(),
+                    data.clone(),
+                );
+            }
+            self.report(
+                EventKind::Crashed,
+                format!("the server exited unexpectedly with code {}", status.code),
+                data,
+            );
+        }
         let verdict = guard.on_exit(
             &self.ctx.config.crash_guard,
             status.code,
@@ -681,6 +721,11 @@ impl Server {
                 ));
                 self.with_record(|r| r.desired = Desired::Offline);
                 self.set_state(ServerState::Crashed);
+                self.report(
+                    mamba_shared::node_api::EventKind::CrashLoop,
+                    format!("crashed {attempts} times; not restarting until started again"),
+                    serde_json::json!({ "attempts": attempts }),
+                );
             }
         }
         restart_at
@@ -966,8 +1011,22 @@ impl Server {
             Err(e) => InstallInfo::failed(None, e.to_string()),
         };
         match &info.error {
-            None => self.console.daemon("Install finished"),
-            Some(e) => self.fail(format!("Install failed: {e}")),
+            None => {
+                self.console.daemon("Install finished");
+                self.report(
+                    mamba_shared::node_api::EventKind::InstallFinished,
+                    "install finished".into(),
+                    serde_json::json!({ "exit_code": info.exit_code }),
+                );
+            }
+            Some(e) => {
+                self.fail(format!("Install failed: {e}"));
+                self.report(
+                    mamba_shared::node_api::EventKind::InstallFailed,
+                    format!("install failed: {e}"),
+                    serde_json::json!({ "exit_code": info.exit_code }),
+                );
+            }
         }
         self.console.install_event(ConsoleEvent::InstallCompleted {
             successful: info.error.is_none(),

@@ -16,6 +16,25 @@ use crate::docker::ResourceSample;
 /// How long the sampler outlives its last watcher, so a page reload does not restart it.
 const LINGER: Duration = Duration::from_secs(30);
 
+/// A server's figures at one instant, for the reporter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub disk_bytes: u64,
+    /// While a container runs.
+    pub run: Option<RunSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSnapshot {
+    /// Changes when the container (and so its network counters) starts afresh.
+    pub run_key: String,
+    pub cpu_millicores: u64,
+    pub memory_bytes: u64,
+    /// The container's transmit counter since it started.
+    pub tx_bytes: u64,
+    pub uptime_ms: u64,
+}
+
 #[derive(Debug)]
 pub struct Stats {
     tx: watch::Sender<Option<ResourceStats>>,
@@ -156,6 +175,44 @@ impl Server {
             },
             disk_bytes,
             uptime_ms,
+        }
+    }
+
+    /// A one-off reading for the reporter, independent of the console's sampler: `None`
+    /// figures while the server has no running container.
+    pub async fn snapshot(self: &Arc<Self>) -> Snapshot {
+        let disk_bytes = self.disk_bytes().await;
+        let container = self.with_record(|r| r.container_id.clone());
+        let running = match (&container, self.state().is_up()) {
+            (Some(id), true) => self
+                .ctx
+                .docker
+                .status(id)
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| s.running),
+            _ => None,
+        };
+        let Some(status) = running else {
+            return Snapshot {
+                disk_bytes,
+                run: None,
+            };
+        };
+        let sample = self.ctx.docker.stats_once(&status.id).await.ok().flatten();
+        Snapshot {
+            disk_bytes,
+            run: sample.map(|sample| RunSnapshot {
+                // The container and its start identify one run of the network counter.
+                run_key: format!("{}@{}", status.id, status.started_at_ms.unwrap_or(0)),
+                cpu_millicores: (sample.cpu_absolute.max(0.0) * 10.0).round() as u64,
+                memory_bytes: sample.memory_bytes,
+                tx_bytes: sample.tx_bytes,
+                uptime_ms: status
+                    .started_at_ms
+                    .map_or(0, |t| super::now_ms().saturating_sub(t)),
+            }),
         }
     }
 
