@@ -82,6 +82,9 @@ impl Panel {
             overallocation_percent: 0,
             is_public: true,
             maintenance: false,
+            api_port: 8080,
+            public_url: None,
+            sftp_port: 2022,
         })
         .unwrap();
         nodes::create(&mut conn, &new, &Actor::System, &meta())
