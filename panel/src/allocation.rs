@@ -984,6 +984,62 @@ pub fn release_server(
     })
 }
 
+/// Frees a server's ports and keeps its record (an install that gave up leaves the server
+/// as `install_failed`, without ports). Takes the node's lock like every reservation; call
+/// it in a transaction. Answers how many allocations were freed.
+pub fn release_ports(conn: &mut DbConnection, server: &ServerId) -> Result<usize, ApiError> {
+    let node: Option<String> = servers::table
+        .find(server.as_str())
+        .select(servers::node_id)
+        .first(conn)
+        .optional()?;
+    let Some(node) = node else {
+        return Ok(0);
+    };
+    lock_node(conn, &NodeId::from_db(node))?;
+    Ok(
+        diesel::delete(allocations::table.filter(allocations::server_id.eq(server.as_str())))
+            .execute(conn)?,
+    )
+}
+
+/// Deletes a server and frees its allocations for the job worker, which acts for the system
+/// once the tenant's delete request was checked and audited: writes `server.removed`. A
+/// server that is already gone answers 0. One transaction.
+pub fn remove_server(
+    conn: &mut DbConnection,
+    server: &ServerId,
+    actor: &Actor,
+    meta: &RequestMeta,
+) -> Result<usize, ApiError> {
+    conn.transaction(|conn| {
+        let tenant: Option<String> = servers::table
+            .find(server.as_str())
+            .select(servers::tenant_id)
+            .first(conn)
+            .optional()?;
+        let Some(tenant) = tenant else {
+            return Ok(0);
+        };
+        let released = release_ports(conn, server)?;
+        diesel::delete(servers::table.find(server.as_str())).execute(conn)?;
+        let tenant = crate::ids::TenantId::from_db(tenant);
+        audit::record(
+            conn,
+            actor,
+            meta,
+            Event {
+                tenant: Some(&tenant),
+                action: "server.removed",
+                resource_type: "server",
+                resource_id: Some(server.to_string()),
+                metadata: json!({ "released_allocations": released }),
+            },
+        )?;
+        Ok(released)
+    })
+}
+
 /// What the leak scanner found.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LeakReport {

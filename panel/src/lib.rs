@@ -38,6 +38,7 @@ pub mod openapi;
 pub mod pagination;
 pub mod password;
 pub mod permissions;
+pub mod provisioning;
 pub mod ratelimit;
 pub mod request_meta;
 pub mod secrets;

@@ -39,6 +39,12 @@ enum Command {
     Serve,
     /// Apply pending migrations and exit.
     Migrate,
+    /// Run job workers only (no HTTP), to scale job throughput beyond `panel serve`'s own.
+    Worker {
+        /// Worker loops; default `jobs.workers` (at least one).
+        #[arg(long)]
+        count: Option<usize>,
+    },
     /// Operator commands.
     Admin {
         #[command(subcommand)]
@@ -71,7 +77,7 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
     // Serving without the master key would fail anyway; say so before touching the database.
     let master = match cli.command {
-        Command::Serve => Some(MasterKey::from_env()?),
+        Command::Serve | Command::Worker { .. } => Some(MasterKey::from_env()?),
         _ => None,
     };
     let db = Db::connect(
@@ -91,6 +97,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve => match master {
             Some(master) => actix_web::rt::System::new().block_on(serve(config, db, master)),
+            None => Err(anyhow::anyhow!("the master key was not loaded")),
+        },
+        Command::Worker { count } => match master {
+            Some(master) => worker(config, db, master, count),
             None => Err(anyhow::anyhow!("the master key was not loaded")),
         },
         Command::Admin {
@@ -129,6 +139,8 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
         state.config.notifications.clone(),
         state.telemetry_wake.clone(),
     );
+    let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
+    let job_workers = start_job_workers(&state, state.config.jobs.workers, jobs_stopped);
     let state = web::Data::new(state);
     let metrics = web::Data::new(metrics);
     let node_listener = std::net::TcpListener::bind(node_listen)
@@ -140,9 +152,59 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
         .bind(listen)
         .with_context(|| format!("binding {listen}"))?
         .run();
-    // Either server stopping (a signal stops both) ends the panel.
-    futures_util::future::try_join(api, nodes).await?;
+    // Either server stopping (a signal stops both) ends the panel; then the job workers hand
+    // their running jobs back to the queue.
+    let served = futures_util::future::try_join(api, nodes).await;
+    let _ = stop_jobs.send(true);
+    for handle in job_workers {
+        let _ = handle.await;
+    }
+    served?;
     Ok(())
+}
+
+/// The job workers of this process, running the provisioning steps.
+fn start_job_workers(
+    state: &AppState,
+    count: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let settings = mamba_panel::jobs::Settings::from_config(&state.config.jobs);
+    let handler = std::sync::Arc::new(mamba_panel::provisioning::Provisioner {
+        db: state.db.clone(),
+        pki: state.pki.clone(),
+        blueprints: state.blueprints.clone(),
+        install_timeout: Duration::from_secs(state.config.jobs.install_timeout_secs),
+        poll_interval: Duration::from_secs(1),
+    });
+    if count > 0 {
+        tracing::info!(count, "starting job workers");
+    }
+    mamba_panel::jobs::worker::spawn(state.db.clone(), settings, handler, count, stop)
+}
+
+/// `panel worker`: job workers and the node certificate upkeep, no HTTP; stops on SIGINT or
+/// SIGTERM after handing running jobs back.
+fn worker(config: Config, db: Db, master: MasterKey, count: Option<usize>) -> anyhow::Result<()> {
+    let count = count.unwrap_or(config.jobs.workers).max(1);
+    let state = AppState::new(config, db, &master)?;
+    // actix's runtime, because the certificate upkeep spawns onto it (as in `serve`).
+    actix_web::rt::System::new().block_on(async move {
+        mamba_panel::node_pki::spawn_maintenance(state.pki.clone(), state.db.clone());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let handles = start_job_workers(&state, count, stopped);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping job workers");
+        let _ = stop.send(true);
+        for handle in handles {
+            let _ = handle.await;
+        }
+        Ok(())
+    })
 }
 
 fn create_admin(config: &Config, db: &Db, email: &str, name: &str) -> anyhow::Result<()> {

@@ -1,0 +1,408 @@
+//! What each kind of job does on the nodes: the [`Handler`] the job workers run.
+//!
+//! Every step is idempotent, because any attempt may repeat one that was cut off at any
+//! point (a panel killed mid-install resumes the job after its lease runs out):
+//! - install pushes the spec to wings, where the server id is the key: a 409 means an
+//!   earlier attempt already pushed it, and the job goes on to waiting for it;
+//! - waiting reads wings' view of the server, so it works the same on a resumed job;
+//! - delete treats wings' 404 as done, and removing the record of a server that is already
+//!   gone does nothing.
+//!
+//! Workers read the current rows (server, allocations, node, blueprint) rather than a copy
+//! in the job, so payloads stay small and a job never acts on stale data.
+//!
+//! Errors: wings unreachable, database trouble and timeouts are retried with backoff; wings
+//! refusing a request (4xx other than the conflicts above) fails the job at once. An install
+//! that gives up (failed or dead) deletes what wings may hold, frees the server's ports and
+//! leaves the server as `install_failed`: no port stays taken by a server that never ran.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::prelude::*;
+use mamba_shared::wings_api::{
+    Allocation as WireAllocation, Allocations, CreateServerRequest, InstallStatus, Limits, PowerAction,
+    ServerState, ServerView,
+};
+use serde_json::json;
+
+use crate::audit::Actor;
+use crate::db::schema::servers;
+use crate::db::{Db, DbError, now_ms};
+use crate::error::ApiError;
+use crate::ids::ServerId;
+use crate::jobs::worker::{Handler, JobContext, JobError};
+use crate::jobs::{Job, JobKind};
+use crate::node_pki::PanelPki;
+use crate::request_meta::RequestMeta;
+use crate::wings_client::{WingsClient, WingsError};
+
+/// Server statuses the worker writes (the routes read them).
+pub mod status {
+    pub const INSTALLING: &str = "installing";
+    pub const INSTALL_FAILED: &str = "install_failed";
+    pub const OFFLINE: &str = "offline";
+    pub const STARTING: &str = "starting";
+    pub const RUNNING: &str = "running";
+    pub const STOPPING: &str = "stopping";
+    pub const DELETING: &str = "deleting";
+}
+
+/// The steps a job records, so a resumed job knows where it was.
+pub mod step {
+    pub const PUSHED: &str = "pushed";
+    pub const REINSTALL_REQUESTED: &str = "reinstall_requested";
+    pub const REMOVED_FROM_NODE: &str = "removed_from_node";
+}
+
+/// The job handler of `panel serve` and `panel worker`.
+pub struct Provisioner {
+    pub db: Db,
+    pub pki: Arc<PanelPki>,
+    pub blueprints: Arc<crate::blueprints::Registry>,
+    /// How long an install (or reinstall) may take until the server runs, per attempt.
+    pub install_timeout: Duration,
+    /// How often wings is asked while waiting.
+    pub poll_interval: Duration,
+}
+
+/// The server's row, as the worker needs it.
+#[derive(Debug, Clone, Queryable)]
+struct ServerRow {
+    id: String,
+    node_id: String,
+    blueprint: String,
+    memory_mb: i64,
+    cpu_percent: i64,
+    disk_mb: i64,
+    variables: String,
+    status: String,
+    image: Option<String>,
+}
+
+fn wings_error(e: WingsError) -> JobError {
+    if e.is_retryable() {
+        JobError::Retry(e.to_string())
+    } else {
+        JobError::Permanent(e.to_string())
+    }
+}
+
+fn api_error(e: ApiError) -> JobError {
+    if e.status.is_server_error() {
+        JobError::Retry(e.message)
+    } else {
+        JobError::Permanent(e.message)
+    }
+}
+
+fn wire_id(id: &ServerId) -> Result<mamba_shared::ids::ServerId, JobError> {
+    mamba_shared::ids::ServerId::new(id.as_str()).map_err(|e| JobError::Permanent(e.to_string()))
+}
+
+/// The status a server has in the panel while wings reports `state`.
+pub fn status_of(view: &ServerView) -> &'static str {
+    if matches!(
+        view.install.status,
+        InstallStatus::Pending | InstallStatus::Installing
+    ) {
+        return status::INSTALLING;
+    }
+    match view.state {
+        ServerState::Installing => status::INSTALLING,
+        ServerState::Starting => status::STARTING,
+        ServerState::Running => status::RUNNING,
+        ServerState::Stopping => status::STOPPING,
+        ServerState::Offline | ServerState::Crashed => status::OFFLINE,
+    }
+}
+
+impl Provisioner {
+    async fn server_row(&self, id: &ServerId) -> Result<Option<ServerRow>, JobError> {
+        let id = id.clone();
+        Ok(self
+            .db
+            .run(move |conn| {
+                servers::table
+                    .find(id.as_str())
+                    .select((
+                        servers::id,
+                        servers::node_id,
+                        servers::blueprint,
+                        servers::memory_mb,
+                        servers::cpu_percent,
+                        servers::disk_mb,
+                        servers::variables,
+                        servers::status,
+                        servers::image,
+                    ))
+                    .first::<ServerRow>(conn)
+                    .optional()
+                    .map_err(DbError::from)
+            })
+            .await?)
+    }
+
+    async fn set_status(&self, id: &ServerId, status: &'static str) -> Result<(), JobError> {
+        let id = id.clone();
+        self.db
+            .run(move |conn| {
+                // A delete in progress wins over whatever an older job learnt.
+                diesel::update(
+                    servers::table
+                        .find(id.as_str())
+                        .filter(servers::status.ne(status::DELETING)),
+                )
+                .set((servers::status.eq(status), servers::updated_at.eq(now_ms())))
+                .execute(conn)
+                .map_err(DbError::from)
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn client(&self, node: &str) -> Result<WingsClient, JobError> {
+        let id = crate::ids::NodeId::from_db(node.to_string());
+        let node = self
+            .db
+            .run(move |conn| crate::nodes::get(conn, &id).map_err(DbError::from))
+            .await?
+            .ok_or_else(|| JobError::Permanent("the server's node no longer exists".into()))?;
+        WingsClient::new(&self.pki, &node).map_err(wings_error)
+    }
+
+    /// The complete create request wings needs, from the current rows.
+    async fn create_request(&self, row: &ServerRow) -> Result<CreateServerRequest, JobError> {
+        let (registry, slug, id) = (
+            self.blueprints.clone(),
+            row.blueprint.clone(),
+            ServerId::from_db(row.id.clone()),
+        );
+        let (found, allocations) = self
+            .db
+            .run(move |conn| {
+                let found = crate::blueprints::find(conn, &registry, &slug)?;
+                let allocations = crate::allocation::server_allocations(conn, &id)?;
+                Ok::<_, DbError>((found, allocations))
+            })
+            .await?;
+        let blueprint = found
+            .ok_or_else(|| JobError::Permanent(format!("blueprint {} no longer exists", row.blueprint)))?
+            .blueprint;
+        let mut ports = allocations.iter().map(|a| {
+            a.ip.parse()
+                .map(|ip| WireAllocation { ip, port: a.port })
+                .map_err(|_| JobError::Permanent(format!("allocation {} has no valid address", a.id)))
+        });
+        let default = ports
+            .next()
+            .ok_or_else(|| JobError::Permanent("the server holds no allocation".into()))??;
+        let additional = ports.collect::<Result<Vec<_>, _>>()?;
+        let variables: BTreeMap<String, String> = serde_json::from_str(&row.variables).unwrap_or_default();
+        Ok(CreateServerRequest {
+            id: wire_id(&ServerId::from_db(row.id.clone()))?,
+            limits: Some(Limits {
+                memory_mb: u64::try_from(row.memory_mb).unwrap_or(0),
+                cpu_percent: u32::try_from(row.cpu_percent).unwrap_or(0),
+                disk_mb: u64::try_from(row.disk_mb).unwrap_or(0),
+                pids: blueprint.limits.pids,
+                io_weight: 500,
+            }),
+            blueprint,
+            variables,
+            allocations: Allocations { default, additional },
+            image: row.image.clone(),
+            start_on_completion: true,
+            skip_install: false,
+        })
+    }
+
+    /// Polls wings until the install finished and the server runs. An install that failed
+    /// is permanent; running out of time is retried (the next attempt waits again).
+    async fn wait_running(&self, client: &WingsClient, id: &ServerId) -> Result<(), JobError> {
+        let deadline = Instant::now() + self.install_timeout;
+        let mut last = "";
+        loop {
+            let view = client.server(id).await.map_err(wings_error)?;
+            if view.install.status == InstallStatus::Failed {
+                let why = view
+                    .install
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {:?}", view.install.exit_code));
+                return Err(JobError::Permanent(format!("the install failed: {why}")));
+            }
+            let now = status_of(&view);
+            if now != last {
+                self.set_status(id, now).await?;
+                last = now;
+            }
+            if view.install.status == InstallStatus::Installed && view.state == ServerState::Running {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(JobError::Retry(format!(
+                    "the server was not running after {}s (wings says {:?})",
+                    self.install_timeout.as_secs(),
+                    view.state
+                )));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    async fn install(&self, job: &Job, ctx: &JobContext, id: &ServerId) -> Result<(), JobError> {
+        let Some(row) = self.server_row(id).await? else {
+            // Deleted before it was installed: nothing to do.
+            return Ok(());
+        };
+        if row.status == status::DELETING {
+            return Ok(());
+        }
+        if row.status == status::INSTALL_FAILED {
+            return Err(JobError::Permanent(
+                "the install gave up earlier and freed the server's ports; delete the server and create it again"
+                    .into(),
+            ));
+        }
+        let client = self.client(&row.node_id).await?;
+        if job.step.as_deref() != Some(step::PUSHED) {
+            let request = self.create_request(&row).await?;
+            match client.create_server(&request).await {
+                Ok(_) => {}
+                // An earlier attempt pushed it (and may have died before recording so).
+                Err(e) if e.is_conflict() => {}
+                Err(e) => return Err(wings_error(e)),
+            }
+            ctx.record_step(step::PUSHED, json!({})).await?;
+        }
+        self.wait_running(&client, id).await
+    }
+
+    async fn reinstall(&self, job: &Job, ctx: &JobContext, id: &ServerId) -> Result<(), JobError> {
+        let row = self
+            .server_row(id)
+            .await?
+            .ok_or_else(|| JobError::Permanent("the server no longer exists".into()))?;
+        let client = self.client(&row.node_id).await?;
+        if job.step.as_deref() != Some(step::REINSTALL_REQUESTED) {
+            self.set_status(id, status::INSTALLING).await?;
+            client.reinstall(id).await.map_err(wings_error)?;
+            ctx.record_step(step::REINSTALL_REQUESTED, json!({})).await?;
+        }
+        self.wait_running(&client, id).await
+    }
+
+    async fn power(&self, job: &Job, id: &ServerId) -> Result<(), JobError> {
+        let action: PowerAction = serde_json::from_value(job.payload["action"].clone())
+            .map_err(|_| JobError::Permanent(format!("unknown power action {}", job.payload["action"])))?;
+        let row = self
+            .server_row(id)
+            .await?
+            .ok_or_else(|| JobError::Permanent("the server no longer exists".into()))?;
+        let client = self.client(&row.node_id).await?;
+        match client.power(id, action).await {
+            Ok(()) => {}
+            // Already in the asked-for state.
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(wings_error(e)),
+        }
+        let view = client.server(id).await.map_err(wings_error)?;
+        self.set_status(id, status_of(&view)).await
+    }
+
+    async fn delete(&self, job: &Job, ctx: &JobContext, id: &ServerId) -> Result<(), JobError> {
+        let Some(row) = self.server_row(id).await? else {
+            return Ok(());
+        };
+        if job.step.as_deref() != Some(step::REMOVED_FROM_NODE) {
+            let client = self.client(&row.node_id).await?;
+            match client.delete_server(id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(wings_error(e)),
+            }
+            ctx.record_step(step::REMOVED_FROM_NODE, json!({})).await?;
+        }
+        let id = id.clone();
+        self.db
+            .run(move |conn| {
+                crate::allocation::remove_server(conn, &id, &Actor::System, &RequestMeta::system())
+            })
+            .await
+            .map_err(api_error)?;
+        Ok(())
+    }
+
+    /// An install that will not be tried again: remove what wings may hold, free the ports,
+    /// mark the server. Each part is idempotent; an error here leaves the job to be reclaimed
+    /// and given up again.
+    async fn abandon_install(&self, id: &ServerId) -> Result<(), JobError> {
+        let Some(row) = self.server_row(id).await? else {
+            return Ok(());
+        };
+        let client = self.client(&row.node_id).await?;
+        match client.delete_server(id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(wings_error(e)),
+        }
+        let id = id.clone();
+        self.db
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    let freed = crate::allocation::release_ports(conn, &id)?;
+                    diesel::update(
+                        servers::table
+                            .find(id.as_str())
+                            .filter(servers::status.ne(status::DELETING)),
+                    )
+                    .set((
+                        servers::status.eq(status::INSTALL_FAILED),
+                        servers::updated_at.eq(now_ms()),
+                    ))
+                    .execute(conn)?;
+                    Ok::<_, ApiError>(freed)
+                })
+            })
+            .await
+            .map_err(api_error)?;
+        Ok(())
+    }
+}
+
+impl Handler for Provisioner {
+    async fn run(&self, job: &Job, ctx: &JobContext) -> Result<(), JobError> {
+        let Some(id) = job.server_id.clone() else {
+            return Err(JobError::Permanent("a server job without a server".into()));
+        };
+        match job.kind {
+            JobKind::ServerInstall => self.install(job, ctx, &id).await,
+            JobKind::ServerReinstall => self.reinstall(job, ctx, &id).await,
+            JobKind::ServerPower => self.power(job, &id).await,
+            JobKind::ServerDelete => self.delete(job, ctx, &id).await,
+            // Wings has no route that changes an existing server's spec (limits, variables,
+            // image): a create with a known id is refused, and the spec is only rewritten
+            // by a create. A changed startup takes effect at the next reinstall.
+            JobKind::ServerUpdate => Err(JobError::Permanent(
+                "wings has no route to update a server's spec; reinstall the server to apply the change"
+                    .into(),
+            )),
+            JobKind::ServerBackup => Err(JobError::Permanent(
+                "backups through the panel are not implemented yet; use wings' backup API".into(),
+            )),
+        }
+    }
+
+    async fn give_up(&self, job: &Job, _ctx: &JobContext, error: &JobError) -> Result<(), JobError> {
+        if job.kind != JobKind::ServerInstall {
+            return Ok(());
+        }
+        let Some(id) = &job.server_id else {
+            return Ok(());
+        };
+        tracing::warn!(server.id = %id, %error, "install gave up; freeing the server's ports");
+        self.abandon_install(id).await
+    }
+}
