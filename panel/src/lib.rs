@@ -7,8 +7,9 @@
 //! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
 //! and `eggs` (the blueprint registry and the egg importer), `metrics_store` (servers' samples
 //! and hourly rollups), `node_pki` (the node CA, enrollment tokens and node certificates), `telemetry`
-//! (heartbeats, node online/offline, server events, utilisation) and `notify` (the signed
-//! event webhook),
+//! (heartbeats, node online/offline, server events, utilisation) `notify` (the signed
+//! event webhook), `ssh_keys` (users' SSH public keys) and `sftp_auth` (the SFTP credential
+//! check nodes ask for),
 //! `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
@@ -43,6 +44,8 @@ pub mod ratelimit;
 pub mod request_meta;
 pub mod secrets;
 pub mod servers;
+pub mod sftp_auth;
+pub mod ssh_keys;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;

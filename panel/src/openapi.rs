@@ -157,6 +157,9 @@ impl Modify for Security {
         crate::http::account::admin_list_users,
         crate::http::account::request_email_change,
         crate::http::account::confirm_email_change,
+        crate::http::ssh_keys::list_ssh_keys,
+        crate::http::ssh_keys::add_ssh_key,
+        crate::http::ssh_keys::delete_ssh_key,
         crate::http::tenants::catalogue,
         crate::http::tenants::create_tenant,
         crate::http::tenants::my_tenants,
@@ -233,7 +236,9 @@ impl Modify for Security {
         crate::http::servers::CommandsBody, crate::http::servers::SuspendAnswer, crate::metrics_store::Series,
         crate::metrics_store::Point, crate::metrics_store::Range, crate::metrics_store::Resolution,
         crate::telemetry::Utilisation, crate::telemetry::LiveUsage,
-        crate::telemetry::ServerEvent, Page<crate::telemetry::ServerEvent>
+        crate::telemetry::ServerEvent, Page<crate::telemetry::ServerEvent>,
+        crate::ssh_keys::SshKey, crate::http::ssh_keys::SshKeyList,
+        crate::http::ssh_keys::NewSshKey
     )),
     modifiers(&Security),
 )]

@@ -9,6 +9,7 @@ pub mod files_api;
 pub mod ids;
 pub mod metrics;
 pub mod node_api;
+pub mod node_sftp;
 pub mod pki;
 pub mod rules;
 pub mod template;

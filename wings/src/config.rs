@@ -378,8 +378,14 @@ pub struct SftpConfig {
     /// The server's Ed25519 host key (OpenSSH format). Empty means `<data_dir>/sftp/host_ed25519`;
     /// a missing file is generated on first start with mode 0600.
     pub host_key_file: String,
-    /// The static credential file (TOML) that vouches for logins until the panel does. Empty
-    /// refuses every login.
+    /// Who checks logins: `auto` (the panel once this node is enrolled, else the credential
+    /// file), `panel` (refuse to start unless enrolled) or `file`.
+    pub auth: SftpAuthMode,
+    /// How long a login the panel accepted is reused without asking again (0: always ask).
+    /// Refusals are never reused; the deauthorize route drops the user's entries at once.
+    pub panel_cache_secs: u64,
+    /// The static credential file (TOML) that vouches for logins when the panel does not.
+    /// Empty refuses every login.
     pub credentials_file: String,
     /// Connections open at once, and from one IP address.
     pub max_connections: usize,
@@ -399,12 +405,23 @@ pub struct SftpConfig {
     pub requests_in_flight: usize,
 }
 
+/// Where SFTP logins are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SftpAuthMode {
+    Auto,
+    Panel,
+    File,
+}
+
 impl Default for SftpConfig {
     fn default() -> Self {
         SftpConfig {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 2022)),
             host_key_file: String::new(),
+            auth: SftpAuthMode::Auto,
+            panel_cache_secs: 30,
             credentials_file: String::new(),
             max_connections: 512,
             max_connections_per_ip: 32,

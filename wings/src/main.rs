@@ -3,15 +3,17 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mamba_wings::api::{self, AppState};
-use mamba_wings::config::Config;
+use mamba_wings::config::{Config, SftpAuthMode};
 use mamba_wings::node_identity::NodeIdentity;
 use mamba_wings::server::manager::Manager;
-use mamba_wings::sftp::auth::{StaticCredentials, hash_password};
+use mamba_wings::sftp::auth::{AuthSource, StaticCredentials, hash_password};
+use mamba_wings::sftp::panel_auth::PanelAuthSource;
 use mamba_wings::sftp::{SftpContext, SftpServer, host_key_path};
 use mamba_wings::system::SystemProbe;
 use mamba_wings::tokens::TokenVerifier;
@@ -156,9 +158,24 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!(panel = %identity.record.panel_url, "reporting heartbeats, samples and events to the panel");
         }
         let sftp_task = if sftp_config.enabled {
-            let credentials = (!sftp_config.credentials_file.is_empty())
-                .then(|| PathBuf::from(&sftp_config.credentials_file));
-            let auth = Arc::new(StaticCredentials::open(credentials)?);
+            let auth: Arc<dyn AuthSource> = match (sftp_config.auth, &identity) {
+                (SftpAuthMode::Auto | SftpAuthMode::Panel, Some(identity)) => {
+                    tracing::info!("SFTP logins are checked by the panel");
+                    Arc::new(PanelAuthSource::new(
+                        identity,
+                        tokens.clone(),
+                        Duration::from_secs(sftp_config.panel_cache_secs),
+                    )?)
+                }
+                (SftpAuthMode::Panel, None) => {
+                    anyhow::bail!("sftp.auth = \"panel\" needs an enrolled node (`wings enroll`)")
+                }
+                (SftpAuthMode::Auto | SftpAuthMode::File, _) => {
+                    let credentials = (!sftp_config.credentials_file.is_empty())
+                        .then(|| PathBuf::from(&sftp_config.credentials_file));
+                    Arc::new(StaticCredentials::open(credentials)?)
+                }
+            };
             let ctx = SftpContext::new(sftp_config, manager.clone(), auth, tokens.clone());
             let sftp = SftpServer::bind(ctx, host_key).await?;
             tracing::info!(listen = %sftp.local_addr()?, "SFTP is listening");

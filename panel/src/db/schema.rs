@@ -430,3 +430,18 @@ diesel::table! {
 
 diesel::allow_tables_to_appear_in_same_query!(nodes, node_heartbeats);
 diesel::allow_tables_to_appear_in_same_query!(servers, server_events);
+
+diesel::table! {
+    user_ssh_keys (id) {
+        id -> Text,
+        user_id -> Text,
+        name -> Text,
+        algorithm -> Text,
+        public_key -> Text,
+        fingerprint -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(user_ssh_keys -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(user_ssh_keys, users);

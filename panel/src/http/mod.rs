@@ -11,8 +11,10 @@ pub(crate) mod health;
 pub(crate) mod jobs;
 pub(crate) mod node_api;
 pub mod node_pki;
+pub(crate) mod node_sftp;
 pub(crate) mod nodes;
 pub(crate) mod servers;
+pub(crate) mod ssh_keys;
 pub(crate) mod tenants;
 
 use std::sync::Arc;
@@ -145,6 +147,7 @@ pub fn app(
                 // Before the tenant scope, which would otherwise take `/tenants/{tenant}/servers`.
                 .configure(servers::configure)
                 .configure(node_api::configure)
+                .configure(ssh_keys::configure)
                 .configure(tenants::configure)
                 .configure(nodes::configure)
                 .configure(blueprints::configure)

@@ -262,6 +262,10 @@ pub fn node_app(
         .route(RENEW_PATH, web::post().to(renew))
         .route(IDENTITY_PATH, web::get().to(identity))
         .configure(super::node_api::configure_node)
+        .route(
+            mamba_shared::node_sftp::SFTP_AUTH_PATH,
+            web::post().to(super::node_sftp::sftp_auth),
+        )
         .default_service(web::to(|req: HttpRequest| async move {
             Err::<HttpResponse, _>(ApiError::new(
                 actix_web::http::StatusCode::NOT_FOUND,

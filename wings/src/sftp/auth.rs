@@ -1,11 +1,13 @@
 //! Who may log in over SFTP, and with which permissions: the pluggable auth source.
 //!
-//! API boundary: the SFTP server only ever asks an [`AuthSource`]. Today that is the static
-//! credential file ([`StaticCredentials`]); the panel will answer the same question over mTLS.
+//! API boundary: the SFTP server only ever asks an [`AuthSource`]: the panel over mutual TLS
+//! once the node is enrolled (`sftp::panel_auth`), or the static credential file
+//! ([`StaticCredentials`]) on a node without a panel.
 //! A source is the authority for new logins: when it stops vouching for a user, new sessions
 //! are refused. Live sessions are closed by the deauthorize route (see `sftp::session`).
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -28,21 +30,32 @@ pub const FILE_DELETE: &str = "file.delete";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoginName {
     pub user: String,
+    /// The server's short id (its first 8 characters) or, to tell apart servers whose short
+    /// ids collide, its whole id.
     pub server_short: String,
+}
+
+/// Whether a login's server part names `server`: its short id or its whole id, in any case.
+pub fn names_server(server: &ServerId, part: &str) -> bool {
+    if part.len() == 8 {
+        server.short().eq_ignore_ascii_case(part)
+    } else {
+        server.as_str().eq_ignore_ascii_case(part)
+    }
 }
 
 /// Longest login name accepted; anything longer is refused before any lookup.
 pub const MAX_LOGIN_BYTES: usize = 128;
 
 impl LoginName {
-    /// Splits at the last dot; the server part is the 8-character short id (ASCII letters,
-    /// digits, `-`, `_`, as server ids are), the user part is non-empty.
+    /// Splits at the last dot; the server part is the 8-character short id or a 36-character
+    /// whole id (ASCII letters, digits, `-`, `_`, as server ids are), the user part is non-empty.
     pub fn parse(login: &str) -> Option<LoginName> {
         if login.len() > MAX_LOGIN_BYTES || login.chars().any(char::is_control) {
             return None;
         }
         let (user, short) = login.rsplit_once('.')?;
-        let short_ok = short.len() == 8
+        let short_ok = (short.len() == 8 || short.len() == 36)
             && short
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -91,10 +104,12 @@ pub enum AuthSourceError {
 /// is not counted as a failed login.
 #[async_trait]
 pub trait AuthSource: Send + Sync + 'static {
+    /// `client` is the address the SFTP client connected from.
     async fn authenticate(
         &self,
         login: &LoginName,
         credential: Credential<'_>,
+        client: IpAddr,
     ) -> Result<Option<Grant>, AuthSourceError>;
 }
 
@@ -286,6 +301,7 @@ impl AuthSource for StaticCredentials {
         &self,
         login: &LoginName,
         credential: Credential<'_>,
+        _client: IpAddr,
     ) -> Result<Option<Grant>, AuthSourceError> {
         let account = self.account(&login.user);
         let proven = match credential {
@@ -314,7 +330,7 @@ impl AuthSource for StaticCredentials {
         let mut matching = account
             .servers
             .iter()
-            .filter(|(server, _)| server.short().eq_ignore_ascii_case(&login.server_short));
+            .filter(|(server, _)| names_server(server, &login.server_short));
         let (Some((server, permissions)), None) = (matching.next(), matching.next()) else {
             // No such server for this user, or two of theirs share a short id: refuse rather
             // than guess.
@@ -342,11 +358,17 @@ mod tests {
             })
         );
         assert_eq!(LoginName::parse("a.b.0B4C8A0E").unwrap().user, "a.b");
+        let whole = LoginName::parse("alice.0b4c8a0e-7c1d-4f53-9a51-6c2f5d8e9f10").unwrap();
+        let server = ServerId::new("0b4c8a0e-7c1d-4f53-9a51-6c2f5d8e9f10").unwrap();
+        assert!(names_server(&server, &whole.server_short));
+        assert!(names_server(&server, "0B4C8A0E"));
+        assert!(!names_server(&server, "0b4c8a0e-7c1d-4f53-9a51-6c2f5d8e9f11"));
         for bad in [
             "alice",
             ".0b4c8a0e",
             "alice.0b4c",
             "alice.0b4c8a0e9",
+            "alice.0b4c8a0e-7c1d-4f53-9a51-6c2f5d8e9f1",
             "al\nice.0b4c8a0e",
             "alice.0b4c/a0e",
         ] {
@@ -354,6 +376,8 @@ mod tests {
         }
         assert_eq!(LoginName::parse(&format!("{}.0b4c8a0e", "a".repeat(200))), None);
     }
+
+    const TEST_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDY8IJjAKbWmQcwpsmkcx3oqcuCQkhdjC0pI9YC4xE2q test";
 
@@ -377,7 +401,7 @@ mod tests {
         let source = StaticCredentials::open(Some(path.clone())).unwrap();
         let login = LoginName::parse("alice.0b4c8a0e").unwrap();
         let grant = source
-            .authenticate(&login, Credential::Password("correct horse"))
+            .authenticate(&login, Credential::Password("correct horse"), TEST_IP)
             .await
             .unwrap()
             .unwrap();
@@ -386,7 +410,7 @@ mod tests {
         assert!(grant.can(FILE_READ) && !grant.can(FILE_DELETE));
         assert!(
             source
-                .authenticate(&login, Credential::Password("wrong"))
+                .authenticate(&login, Credential::Password("wrong"), TEST_IP)
                 .await
                 .unwrap()
                 .is_none()
@@ -395,7 +419,7 @@ mod tests {
         let other = LoginName::parse("alice.11111111").unwrap();
         assert!(
             source
-                .authenticate(&other, Credential::PublicKey(&key))
+                .authenticate(&other, Credential::PublicKey(&key), TEST_IP)
                 .await
                 .unwrap()
                 .unwrap()
@@ -404,7 +428,7 @@ mod tests {
         let unknown_server = LoginName::parse("alice.22222222").unwrap();
         assert!(
             source
-                .authenticate(&unknown_server, Credential::PublicKey(&key))
+                .authenticate(&unknown_server, Credential::PublicKey(&key), TEST_IP)
                 .await
                 .unwrap()
                 .is_none()
@@ -412,7 +436,7 @@ mod tests {
         let unknown_user = LoginName::parse("bob.0b4c8a0e").unwrap();
         assert!(
             source
-                .authenticate(&unknown_user, Credential::Password("x"))
+                .authenticate(&unknown_user, Credential::Password("x"), TEST_IP)
                 .await
                 .unwrap()
                 .is_none()
@@ -422,7 +446,7 @@ mod tests {
         std::fs::write(&path, "users = []\n").unwrap();
         assert!(
             source
-                .authenticate(&login, Credential::PublicKey(&key))
+                .authenticate(&login, Credential::PublicKey(&key), TEST_IP)
                 .await
                 .unwrap()
                 .is_none()

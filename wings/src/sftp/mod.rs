@@ -2,6 +2,7 @@
 //!
 //! - `auth`: the pluggable [`auth::AuthSource`] that decides logins (`<user>.<server short id>`
 //!   with a password or a public key) and the static credential file that implements it.
+//! - `panel_auth`: the same over the panel (mutual TLS), with a short cache of grants.
 //! - `ratelimit`: failed-login limits per IP address and per user name.
 //! - `session`: one SSH connection: authentication, the `sftp` subsystem (nothing else), and
 //!   the watch that closes the connection when access is revoked or the server is deleted.
@@ -11,6 +12,7 @@
 
 pub mod auth;
 pub mod hostkey;
+pub mod panel_auth;
 mod protocol;
 pub mod ratelimit;
 mod session;

@@ -159,7 +159,7 @@ impl SshHandler {
 
     /// Asks the auth source, and checks that the granted server lives on this node.
     async fn check(&mut self, login: &LoginName, credential: Credential<'_>) -> Option<Arc<Grant>> {
-        match self.ctx.auth.authenticate(login, credential).await {
+        match self.ctx.auth.authenticate(login, credential, self.ip).await {
             Ok(Some(grant)) if self.ctx.manager.get(&grant.server).is_some() => Some(Arc::new(grant)),
             Ok(_) => None,
             Err(e) => {
