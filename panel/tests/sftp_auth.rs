@@ -778,6 +778,9 @@ impl Node {
         let api = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(Duration::from_secs(60))
+            // The test blocks on client processes for seconds at a time; a pooled connection
+            // wings closed meanwhile would fail the next request.
+            .pool_max_idle_per_host(0)
             .build()
             .unwrap();
         let node = Node {
