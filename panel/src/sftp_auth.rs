@@ -8,7 +8,8 @@
 //!   unknown user costs a password hash like a known one;
 //! - an account with two-factor authentication logs in with a key only: a password alone is
 //!   the one factor its owner asked us not to rely on;
-//! - a server on another node answers like a server that does not exist.
+//! - a server on another node answers like a server that does not exist;
+//! - a suspended server refuses every login.
 
 use std::collections::BTreeSet;
 
@@ -67,11 +68,17 @@ fn valid_short(short: &str) -> bool {
 /// The asking node's servers a login's server part names: its short id (8 characters) or
 /// its whole id (which tells apart servers whose short ids collide: UUIDv7 ids made within
 /// about a minute share their first 8 characters).
-fn named_servers(conn: &mut DbConnection, node: &str, part: &str) -> QueryResult<Vec<(String, String)>> {
+fn named_servers(
+    conn: &mut DbConnection,
+    node: &str,
+    part: &str,
+) -> QueryResult<Vec<(String, String, Option<i64>)>> {
     let part = part.to_ascii_lowercase();
-    let query = servers::table
-        .filter(servers::node_id.eq(node))
-        .select((servers::id, servers::tenant_id));
+    let query = servers::table.filter(servers::node_id.eq(node)).select((
+        servers::id,
+        servers::tenant_id,
+        servers::suspended_at,
+    ));
     if valid_short(&part) {
         // `valid_short` admits no LIKE wildcards.
         query.filter(servers::id.like(format!("{part}%"))).load(conn)
@@ -123,10 +130,16 @@ pub fn check(
         return Ok(Outcome::Refused("unknown_server", "no such server on this node"));
     }
     let mut granted = Vec::new();
-    for (server, tenant) in candidates {
+    let mut suspended = false;
+    for (server, tenant, suspended_at) in candidates {
         if let Some(permissions) = file_permissions(conn, &user, &TenantId::from_db(tenant))? {
+            suspended |= suspended_at.is_some();
             granted.push((server, permissions));
         }
+    }
+    // A suspended server's files are closed to everyone, operators included, as its console is.
+    if suspended && granted.len() == 1 {
+        return Ok(Outcome::Refused("server_suspended", "this server is suspended"));
     }
     match granted.len() {
         0 => Ok(Outcome::Refused("no_access", "no file access to this server")),

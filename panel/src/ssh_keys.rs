@@ -87,7 +87,7 @@ pub fn parse(line: &str) -> Result<ParsedKey, &'static str> {
         KeyData::Rsa(_) => return Err("RSA keys must have at least 2048 bits"),
         _ => return Err("use an Ed25519, ECDSA or RSA key"),
     }
-    let comment = key.comment().as_str_lossy().to_string();
+    let comment = key.comment().as_str_lossy().trim().to_string();
     let bare = PublicKey::new(key.key_data().clone(), "");
     let public_key = bare
         .to_openssh()

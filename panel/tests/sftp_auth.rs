@@ -410,6 +410,25 @@ async fn passwords_keys_members_and_nodes(t: TestDb) {
             .execute(&mut conn)
             .unwrap();
     }
+    // A suspended server refuses every login.
+    let suspend = |at: Option<i64>| {
+        use mamba_panel::db::schema::servers;
+        let mut conn = t.db.get_blocking().unwrap();
+        diesel::update(servers::table.find(&on_a))
+            .set(servers::suspended_at.eq(at))
+            .execute(&mut conn)
+            .unwrap();
+    };
+    suspend(Some(1));
+    let (status, body) = raw(
+        &panel,
+        &identity_a,
+        password("owner@example.test", &on_a, PASSWORD),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "server_suspended");
+    suspend(None);
     // Bad input is a 4xx, never a 5xx.
     let (status, _) = raw(&panel, &identity_a, json!({"user": "x"})).await;
     assert_eq!(status, 400);

@@ -110,8 +110,10 @@ async fn setup_with(
     // two creating it at once would make two networks of the same name.
     static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let starting = STARTING.lock().await;
+    // The harness enrolls wings, which would make the panel the auth source: these tests
+    // are about the SFTP server itself, so the credential file decides.
     let wings = Wings::start_with(&format!(
-        "[sftp]\ncredentials_file = \"{}\"\n{extra}\n",
+        "[sftp]\nauth = \"file\"\ncredentials_file = \"{}\"\n{extra}\n",
         creds.display()
     ))
     .await;
