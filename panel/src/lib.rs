@@ -7,7 +7,7 @@
 //! bus), `nodes`, `allocation` (address pools and atomic placement), `servers`, `blueprints`
 //! and `eggs` (the blueprint registry and the egg importer), `metrics_store` (servers' samples
 //! and hourly rollups), `node_pki` (the node CA, enrollment tokens and node certificates), `telemetry`
-//! (heartbeats, node online/offline, server events, utilisation) `notify` (the signed
+//! (heartbeats, node online/offline, server events, utilisation), `notify` (the signed
 //! event webhook), `ssh_keys` (users' SSH public keys) and `sftp_auth` (the SFTP credential
 //! check nodes ask for),
 //! `metrics` and `http` (actix-web
