@@ -397,7 +397,7 @@ async fn sender(shared: Arc<Shared>) {
             outbox.pending(SEND_CHUNK)
         })
         .await;
-        let pending = match pending {
+        let (seq, pending) = match pending {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read the outbox");
@@ -423,9 +423,10 @@ async fn sender(shared: Arc<Shared>) {
                 }
             }
             let s = shared.clone();
-            let acked =
-                tokio::task::spawn_blocking(move || s.outbox.lock().unwrap_or_else(|p| p.into_inner()).ack())
-                    .await;
+            let acked = tokio::task::spawn_blocking(move || {
+                s.outbox.lock().unwrap_or_else(|p| p.into_inner()).ack(seq)
+            })
+            .await;
             if let Ok(Err(e)) = acked {
                 tracing::error!(error = %e, "cannot remove a delivered outbox segment");
             }

@@ -78,6 +78,9 @@ pub struct Outbox {
     /// Records of the oldest segment the panel acknowledged (in this process).
     acked: usize,
     dropped: u64,
+    /// Never reused, even once the outbox is empty, so a stale acknowledgement cannot land on
+    /// a newer segment.
+    next_seq: u64,
 }
 
 fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -105,6 +108,7 @@ impl Outbox {
             found.push(Segment { seq, bytes, records });
         }
         found.sort_by_key(|s| s.seq);
+        let next_seq = found.last().map_or(1, |s| s.seq + 1);
         let mut outbox = Outbox {
             dir: dir.to_path_buf(),
             max_bytes,
@@ -113,6 +117,7 @@ impl Outbox {
             active: None,
             acked: 0,
             dropped: 0,
+            next_seq,
         };
         // A bound lowered since the last run applies at once.
         outbox.make_room(0)?;
@@ -156,7 +161,8 @@ impl Outbox {
         }
         self.make_room(len)?;
         if self.active.is_none() {
-            let seq = self.segments.back().map_or(1, |s| s.seq + 1);
+            let seq = self.next_seq;
+            self.next_seq += 1;
             let file = OpenOptions::new()
                 .create_new(true)
                 .append(true)
@@ -203,16 +209,17 @@ impl Outbox {
         Ok(())
     }
 
-    /// The records of the oldest segment not acknowledged yet, in order (at most `limit`).
-    /// Lines that do not parse (a write torn by a crash) are returned as `None` so their
-    /// place can still be acknowledged.
-    pub fn pending(&self, limit: usize) -> Result<Vec<Option<Record>>, OutboxError> {
+    /// The records of the oldest segment not acknowledged yet, in order (at most `limit`),
+    /// with that segment's number for [`Outbox::ack`]. Lines that do not parse (a write torn
+    /// by a crash) are returned as `None` so their place can still be acknowledged.
+    pub fn pending(&self, limit: usize) -> Result<(u64, Vec<Option<Record>>), OutboxError> {
         let Some(oldest) = self.segments.front() else {
-            return Ok(Vec::new());
+            return Ok((0, Vec::new()));
         };
+        let seq = oldest.seq;
         let file = match File::open(segment_path(&self.dir, oldest.seq)) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((seq, Vec::new())),
             Err(e) => return Err(e.into()),
         };
         let mut out = Vec::new();
@@ -220,13 +227,14 @@ impl Outbox {
             let line = line?;
             out.push(serde_json::from_slice(&line).ok());
         }
-        Ok(out)
+        Ok((seq, out))
     }
 
-    /// The panel acknowledged the next record of the oldest segment. A fully acknowledged
-    /// segment is deleted (sealing it first if it was the active one).
-    pub fn ack(&mut self) -> Result<(), OutboxError> {
-        let Some(oldest) = self.segments.front() else {
+    /// The panel acknowledged the next record of segment `seq`, the oldest when it was read.
+    /// A fully acknowledged segment is deleted (sealing it first if it was the active one).
+    /// If the bound dropped that segment meanwhile, there is nothing left to acknowledge.
+    pub fn ack(&mut self, seq: u64) -> Result<(), OutboxError> {
+        let Some(oldest) = self.segments.front().filter(|s| s.seq == seq) else {
             return Ok(());
         };
         self.acked += 1;
@@ -293,13 +301,13 @@ mod tests {
     fn drain(outbox: &mut Outbox) -> Vec<String> {
         let mut ids = Vec::new();
         loop {
-            let pending = outbox.pending(3).unwrap();
+            let (seq, pending) = outbox.pending(3).unwrap();
             if pending.is_empty() {
                 break;
             }
             for r in pending {
                 ids.push(r.unwrap().id);
-                outbox.ack().unwrap();
+                outbox.ack(seq).unwrap();
             }
         }
         ids
@@ -329,9 +337,9 @@ mod tests {
         for n in 0..5 {
             outbox.append(&record(n)).unwrap();
         }
-        outbox.pending(2).unwrap();
-        outbox.ack().unwrap();
-        outbox.ack().unwrap();
+        let (seq, _) = outbox.pending(2).unwrap();
+        outbox.ack(seq).unwrap();
+        outbox.ack(seq).unwrap();
         drop(outbox);
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 1 << 16).unwrap();
         outbox.append(&record(5)).unwrap();
@@ -380,12 +388,16 @@ mod tests {
         f.write_all(b"{\"id\":\"tor").unwrap();
         drop(f);
         let mut outbox = Outbox::open(dir.path(), 1 << 20, 1 << 16).unwrap();
-        let pending = outbox.pending(10).unwrap();
+        let (seq, pending) = outbox.pending(10).unwrap();
         assert_eq!(pending.len(), 2);
         assert_eq!(pending[0].as_ref().unwrap().id, "r0");
         assert!(pending[1].is_none());
-        outbox.ack().unwrap();
-        outbox.ack().unwrap();
+        outbox.ack(seq).unwrap();
+        outbox.ack(seq).unwrap();
         assert!(outbox.is_empty());
+        // A stale acknowledgement (its segment is gone) changes nothing.
+        outbox.append(&record(1)).unwrap();
+        outbox.ack(seq).unwrap();
+        assert_eq!(outbox.stats().records, 1);
     }
 }
