@@ -42,6 +42,7 @@ pub mod permissions;
 pub mod provisioning;
 pub mod ratelimit;
 pub mod request_meta;
+pub mod revocation;
 pub mod secrets;
 pub mod servers;
 pub mod sftp_auth;

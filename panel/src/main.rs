@@ -128,6 +128,7 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
         tracing::info!("panel events are shared through Redis");
     }
     state.events.spawn_logger();
+    mamba_panel::revocation::spawn(&state.events, state.db.clone(), state.pki.clone());
     mamba_panel::metrics_store::spawn_maintenance(state.db.clone(), &state.config.server_metrics);
     let metrics = Metrics::new()?;
     metrics.register_events(state.events.metrics())?;

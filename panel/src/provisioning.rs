@@ -294,6 +294,30 @@ impl Provisioner {
         self.wait_running(&client, id).await
     }
 
+    /// Pushes the server's current rows as its new spec. Idempotent: it always sends what
+    /// the database holds now, so a retry or a later update carries the latest change. A
+    /// server not yet on its node gets the change with its install instead.
+    async fn update(&self, id: &ServerId) -> Result<(), JobError> {
+        let Some(row) = self.server_row(id).await? else {
+            return Ok(());
+        };
+        if matches!(row.status.as_str(), status::DELETING | status::INSTALL_FAILED) {
+            return Ok(());
+        }
+        let client = self.client(&row.node_id).await?;
+        let request = self.create_request(&row).await?;
+        match client.update_server(&request).await {
+            Ok(updated) => {
+                if updated.restart_required {
+                    tracing::info!(server.id = %id, "spec updated; limits apply at the next start");
+                }
+                Ok(())
+            }
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(wings_error(e)),
+        }
+    }
+
     async fn power(&self, job: &Job, id: &ServerId) -> Result<(), JobError> {
         let action: PowerAction = serde_json::from_value(job.payload["action"].clone())
             .map_err(|_| JobError::Permanent(format!("unknown power action {}", job.payload["action"])))?;
@@ -382,13 +406,7 @@ impl Handler for Provisioner {
             JobKind::ServerReinstall => self.reinstall(job, ctx, &id).await,
             JobKind::ServerPower => self.power(job, &id).await,
             JobKind::ServerDelete => self.delete(job, ctx, &id).await,
-            // Wings has no route that changes an existing server's spec (limits, variables,
-            // image): a create with a known id is refused, and the spec is only rewritten
-            // by a create. A changed startup takes effect at the next reinstall.
-            JobKind::ServerUpdate => Err(JobError::Permanent(
-                "wings has no route to update a server's spec; reinstall the server to apply the change"
-                    .into(),
-            )),
+            JobKind::ServerUpdate => self.update(&id).await,
             JobKind::ServerBackup => Err(JobError::Permanent(
                 "backups through the panel are not implemented yet; use wings' backup API".into(),
             )),

@@ -14,7 +14,7 @@ use mamba_shared::error::ErrorEnvelope;
 use mamba_shared::ids::ServerId as WingsServerId;
 use mamba_shared::wings_api::{
     CommandsRequest, CreateServerRequest, DeauthorizeRequest, DenyTokensRequest, LogsResponse, PowerAction,
-    PowerRequest, ResourceStats, ServerView, SystemInfo,
+    PowerRequest, ResourceStats, ServerUpdated, ServerView, SystemInfo,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -127,6 +127,13 @@ impl WingsClient {
     /// `POST /api/servers`: creates the server and queues its install. 409 if the id exists.
     pub async fn create_server(&self, req: &CreateServerRequest) -> Result<ServerView, WingsError> {
         self.call(Method::POST, "/api/servers", Some(req)).await
+    }
+
+    /// `PUT /api/servers/{id}`: replaces the server's spec (same body as a create, same id;
+    /// allocations cannot change). Limits, variables and image apply at its next start.
+    pub async fn update_server(&self, req: &CreateServerRequest) -> Result<ServerUpdated, WingsError> {
+        let path = format!("/api/servers/{}", req.id);
+        self.call(Method::PUT, &path, Some(req)).await
     }
 
     /// `GET /api/servers/{id}`.

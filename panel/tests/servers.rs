@@ -1024,6 +1024,58 @@ async fn commands_and_console_reach_a_real_node() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A member removed from the tenant loses their live socket: the panel's revocation
+    // (AccessRevoked on the event bus) tells the node to deauthorize them.
+    mamba_panel::revocation::spawn(&state.events, state.db.clone(), state.pki.clone());
+    let helper = member(&svc, &t, &tenant, "helper@example.test", "MEMBER").await;
+    let a = call(&svc, Method::GET, &format!("{base}/{id}/console"), &helper, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    let helper_token = a.body["token"].as_str().unwrap().to_string();
+    let scenario = json!({
+        "url": a.body["socket"],
+        "steps": [
+            {"send": {"event": "auth", "args": [helper_token]}},
+            {"expect": {"event": "auth success"}},
+            {"send": {"event": "send command", "args": ["say helper here"]}},
+            {"expect_close": 4003, "timeout": 30},
+        ]
+    });
+    let remove = async {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let lines = client.logs(&sid, 200).await.unwrap().lines;
+            if lines.iter().any(|l| l.contains("[say] helper here")) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the helper's command never arrived: {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let membership: String = {
+            use mamba_panel::db::schema::{memberships, users};
+            let mut conn = t.db.get_blocking().unwrap();
+            memberships::table
+                .inner_join(users::table.on(users::id.eq(memberships::user_id)))
+                .filter(users::email.eq("helper@example.test"))
+                .select(memberships::id)
+                .first(&mut conn)
+                .unwrap()
+        };
+        call(
+            &svc,
+            Method::DELETE,
+            &format!("/api/v1/tenants/{tenant}/members/{membership}"),
+            &bearer,
+            None,
+        )
+        .await
+    };
+    let ((ok, out), a) = tokio::join!(ws_client(&scenario), remove);
+    assert_eq!(a.status, StatusCode::NO_CONTENT, "{a:?}");
+    assert!(ok, "the removed member's socket stayed open: {out}");
+
     // The console token opens the node's socket for a real client, which sends a command.
     let a = call(&svc, Method::GET, &format!("{base}/{id}/console"), &bearer, None).await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");

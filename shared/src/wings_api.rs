@@ -165,6 +165,15 @@ pub struct CrashInfo {
     pub next_restart_at_ms: Option<u64>,
 }
 
+/// The answer to `PUT /api/servers/{id}` (body: a [`CreateServerRequest`] for the same id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerUpdated {
+    pub server: ServerView,
+    /// The server is running on its old container: limits, variables and image apply at
+    /// its next start (the disk quota applies at once).
+    pub restart_required: bool,
+}
+
 /// One server as wings reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerView {

@@ -452,3 +452,70 @@ async fn the_crash_count_survives_a_wings_restart() {
     let crashed = wings.wait_state(&id, "crashed", T).await;
     assert_eq!(crashed["crash"]["attempts"], 2, "{crashed}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spec_update_is_checked_and_applies_at_the_next_start() {
+    let wings = Wings::start().await;
+    let port = free_port();
+    let id = unique_id("upd");
+    wings.create(&id, testbox(), json!({}), port).await;
+    wings.wait_state(&id, "running", T).await;
+    let spec = |id: &str, memory_mb: u64, port: u16| {
+        json!({
+            "id": id,
+            "blueprint": testbox(),
+            "limits": {"memory_mb": memory_mb, "cpu_percent": 50, "disk_mb": 64, "pids": 64},
+            "allocations": {"default": {"ip": "127.0.0.1", "port": port}},
+        })
+    };
+
+    // Bad updates change nothing.
+    let before = wings.server(&id).await;
+    let (status, body) = wings
+        .put(&format!("/api/servers/{id}"), spec("other-id", 96, port))
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (422, Some("validation_failed")),
+        "{body}"
+    );
+    let (status, body) = wings
+        .put(&format!("/api/servers/{id}"), spec(&id, 96, port + 1))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.to_string().contains("allocations"), "{body}");
+    let (status, _) = wings
+        .put("/api/servers/no-such-server", spec("no-such-server", 96, port))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(wings.server(&id).await["limits"], before["limits"]);
+
+    // A good one: stored at once, and the container made at the next start carries it.
+    let (status, body) = wings
+        .put(&format!("/api/servers/{id}"), spec(&id, 96, port))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["restart_required"], true);
+    assert_eq!(body["server"]["limits"]["memory_mb"], 96);
+    let (status, _) = wings.power(&id, "restart").await;
+    assert_eq!(status, 202);
+    let memory = wait_for(
+        "the restarted container to carry the new memory limit",
+        T,
+        || async {
+            let container = wings.server(&id).await["container_id"]
+                .as_str()
+                .map(str::to_string)?;
+            let (ok, out) = docker(&["inspect", "--format", "{{.HostConfig.Memory}}", &container]);
+            (ok && out.trim() == (96u64 * 1024 * 1024).to_string()).then_some(out)
+        },
+    )
+    .await;
+    assert_eq!(memory.trim(), (96u64 * 1024 * 1024).to_string());
+    wings.wait_state(&id, "running", T).await;
+
+    // It survives a wings restart (the record was persisted).
+    let mut wings = wings;
+    wings.restart().await;
+    assert_eq!(wings.server(&id).await["limits"]["memory_mb"], 96);
+}

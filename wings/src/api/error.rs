@@ -102,6 +102,7 @@ impl From<CreateError> for ApiError {
             },
             CreateError::Docker(m) => ApiError::new(StatusCode::BAD_GATEWAY, "docker", m),
             CreateError::Internal(m) => ApiError::internal(m),
+            CreateError::UnknownServer => ApiError::not_found("server"),
         }
     }
 }

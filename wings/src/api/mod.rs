@@ -22,7 +22,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use mamba_shared::ids::ServerId;
 use mamba_shared::wings_api::{
     CommandsRequest, CreateServerRequest, DeauthorizeRequest, DenyTokensRequest, LogsResponse, PowerAccepted,
-    PowerRequest,
+    PowerRequest, ServerUpdated,
 };
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -94,6 +94,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
             .route("/servers", web::get().to(list_servers))
             .route("/servers", web::post().to(create_server))
             .route("/servers/{id}", web::get().to(get_server))
+            .route("/servers/{id}", web::put().to(update_server))
             .route("/servers/{id}", web::delete().to(delete_server))
             .route("/servers/{id}/power", web::post().to(power))
             .route("/servers/{id}/commands", web::post().to(commands))
@@ -189,6 +190,22 @@ async fn create_server(
         .on_main(async move { manager.create(body.into_inner()).await })
         .await??;
     Ok(HttpResponse::Accepted().json(server.view()))
+}
+
+async fn update_server(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<CreateServerRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let id = state.server(&id)?.id.clone();
+    let manager = state.manager.clone();
+    let (server, restart_required) = state
+        .on_main(async move { manager.update(&id, body.into_inner()).await })
+        .await??;
+    Ok(HttpResponse::Ok().json(ServerUpdated {
+        server: server.view(),
+        restart_required,
+    }))
 }
 
 async fn get_server(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {

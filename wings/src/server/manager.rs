@@ -30,6 +30,8 @@ pub enum CreateError {
     Docker(String),
     #[error("{0}")]
     Internal(String),
+    #[error("no such server")]
+    UnknownServer,
 }
 
 #[derive(Debug)]
@@ -156,21 +158,7 @@ impl Manager {
         if self.get(&spec.id).is_some() {
             return Err(CreateError::Duplicate(spec.id));
         }
-        let mut images = vec![("image".to_string(), spec.image.clone())];
-        if let Some(install) = &spec.blueprint.install {
-            images.push(("blueprint.install.image".into(), install.image.clone()));
-        }
-        for (field, image) in images {
-            let present = self
-                .ctx
-                .docker
-                .image_exists(&image)
-                .await
-                .map_err(|e| CreateError::Docker(e.to_string()))?;
-            if !present {
-                return Err(CreateError::ImageMissing { field, image });
-            }
-        }
+        self.check_images(&spec).await?;
 
         let _creating = self.create_lock.lock().await;
         if self.get(&spec.id).is_some() {
@@ -207,6 +195,55 @@ impl Manager {
         }
         tracing::info!(server.id = %server.id, "server created");
         Ok(server)
+    }
+
+    /// Replaces an existing server's spec with the one in `request` (the same body as a
+    /// create, for the same id): blueprint, variables, limits and image. Its allocations
+    /// cannot change in place. Answers the server and whether it must restart for all of the
+    /// change to apply (see [`Server::replace_spec`]).
+    pub async fn update(
+        &self,
+        id: &ServerId,
+        request: CreateServerRequest,
+    ) -> Result<(Arc<Server>, bool), CreateError> {
+        let server = self.get(id).ok_or(CreateError::UnknownServer)?;
+        if request.id != *id {
+            return Err(CreateError::Invalid(vec![field(
+                "id",
+                format!("must be the server in the path, {id}"),
+            )]));
+        }
+        let spec = resolve(&request)?;
+        if spec.allocations != server.spec().allocations {
+            return Err(CreateError::Invalid(vec![field(
+                "allocations",
+                "cannot change in place; they must equal the server's current allocations",
+            )]));
+        }
+        self.check_images(&spec).await?;
+        let restart_required = server.replace_spec(spec);
+        tracing::info!(server.id = %server.id, restart_required, "server spec updated");
+        Ok((server, restart_required))
+    }
+
+    /// Refuses a spec whose game or install image is not on this node.
+    async fn check_images(&self, spec: &ServerSpec) -> Result<(), CreateError> {
+        let mut images = vec![("image".to_string(), spec.image.clone())];
+        if let Some(install) = &spec.blueprint.install {
+            images.push(("blueprint.install.image".into(), install.image.clone()));
+        }
+        for (field, image) in images {
+            let present = self
+                .ctx
+                .docker
+                .image_exists(&image)
+                .await
+                .map_err(|e| CreateError::Docker(e.to_string()))?;
+            if !present {
+                return Err(CreateError::ImageMissing { field, image });
+            }
+        }
+        Ok(())
     }
 
     /// Refuses ports another server on this node holds, and ports something else has bound.

@@ -276,6 +276,19 @@ impl Server {
         self.with_record(|r| r.spec.clone())
     }
 
+    /// Takes a new spec from the panel. The disk quota and the file denylist apply at once;
+    /// what the container is made of (limits, variables, image) applies when it next starts,
+    /// because a container is made afresh on every start. Returns whether it is running now,
+    /// that is whether a restart is needed for all of the change to apply.
+    pub fn replace_spec(&self, spec: ServerSpec) -> bool {
+        self.files
+            .set_limit(spec.limits.disk_mb.saturating_mul(1024 * 1024));
+        self.files.set_denylist(&spec.blueprint.file_denylist);
+        self.with_record(|r| r.spec = spec);
+        self.persist();
+        self.state().is_up()
+    }
+
     pub fn view(&self) -> ServerView {
         let queued_actions = self.queued.load(Ordering::SeqCst);
         self.with_record(|r| ServerView {
