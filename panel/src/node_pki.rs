@@ -334,12 +334,15 @@ impl PanelPki {
         )?)
     }
 
-    /// A TLS client configuration for calling node `node_id`'s API as the panel.
+    /// A TLS client configuration for calling node `node_id`'s API as the panel: the node
+    /// must present a certificate the cache admits (issued through enrollment or renewal,
+    /// not revoked), as on the node listener.
     pub fn client_for_node(&self, node_id: &str) -> Result<rustls::ClientConfig, NodePkiError> {
-        Ok(pki::client_config(
+        Ok(pki::client_config_checked(
             self.ca.cert_pem(),
             self.slot.clone(),
             Identity::node(node_id)?,
+            Some(self.cache.clone()),
         )?)
     }
 

@@ -2,7 +2,8 @@
 //! wings' real enrollment code: a token works once and only in time, and only against the
 //! panel whose CA it pins; certificates renew; a revoked node's next request fails; a foreign
 //! CA, an expired certificate, the wrong role, an unregistered certificate and no certificate
-//! at all are refused; node A's certificate never passes for node B's
+//! at all are refused; node A's certificate never passes for node B's; and the panel calling
+//! a node refuses the same certificates from the node's side of the handshake
 //! (SECURITY-CHECKLIST 25, 26 as far as routes exist, 27).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -28,6 +29,7 @@ both_backends!(
     renewal_rotates_and_revocation_refuses_the_next_request,
     foreign_expired_wrong_role_unregistered_and_anonymous_are_refused,
     node_a_never_passes_for_node_b,
+    the_panel_calls_a_node_only_on_its_live_certificate,
 );
 
 const IP: &str = "198.51.100.60";
@@ -552,4 +554,83 @@ async fn node_a_never_passes_for_node_b(t: TestDb) {
         .build()
         .unwrap();
     assert!(a_as_client.get(format!("{url_b}/hello")).send().await.is_err());
+}
+
+/// The other direction: the panel calling a node's API checks the node's certificate as
+/// strictly as the node listener checks it, including revocation.
+async fn the_panel_calls_a_node_only_on_its_live_certificate(t: TestDb) {
+    let panel = setup(&t);
+    let node = make_node(&t, "delta");
+    let token = panel.token(&node).await;
+    let identity = NodeIdentity::enroll(&panel.data_dir("delta"), &panel.url, &token)
+        .await
+        .unwrap();
+    let ca = &panel.state.pki.ca;
+    let day = Duration::from_secs(86_400);
+    let as_panel = || {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(panel.state.pki.client_for_node(&node).unwrap())
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap()
+    };
+    // A listener that presents `chain` + `key` for this node, admitting the panel.
+    let listener = |chain: String, key: &str| {
+        let slot = CertSlot::new(&chain, key).unwrap();
+        let policy = pki::ClientPolicy {
+            role: pki::Role::Panel,
+            required: true,
+            check: None,
+        };
+        serve_hello(pki::server_config(&panel.ca_pem(), slot, policy).unwrap())
+    };
+    let reaches = |url: String| {
+        let client = as_panel();
+        async move {
+            client
+                .get(format!("{url}/hello"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    };
+
+    // Baseline: the enrolled node's own listener.
+    let (url, _live) = serve_hello(identity.panel_only_server_config().unwrap());
+    assert!(reaches(url.clone()).await);
+
+    // The node's identity, but from a foreign CA.
+    let foreign = CertificateAuthority::generate("foreign", day).unwrap();
+    let f = foreign.issue(&Identity::node(&node).unwrap(), day).unwrap();
+    let (furl, _f) = listener(format!("{}{}", f.cert.pem, foreign.cert_pem()), &f.key_pem);
+    assert!(!reaches(furl).await);
+
+    // Our CA and the node's identity, but expired.
+    let now = time::OffsetDateTime::now_utc();
+    let old = ca
+        .issue_between(
+            &Identity::node(&node).unwrap(),
+            now - time::Duration::days(3),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    let (ourl, _o) = listener(old.cert.pem.clone(), &old.key_pem);
+    assert!(!reaches(ourl).await);
+
+    // Our CA and the node's identity, never issued through enrollment.
+    let stray = ca.issue(&Identity::node(&node).unwrap(), day).unwrap();
+    let (surl, _s) = listener(stray.cert.pem.clone(), &stray.key_pem);
+    assert!(!reaches(surl).await);
+
+    // Our CA, the panel's role: not the node.
+    let p = ca.issue(&Identity::Panel, day).unwrap();
+    let (purl, _p) = listener(p.cert.pem.clone(), &p.key_pem);
+    assert!(!reaches(purl).await);
+
+    // Revoked by an operator: the node's own certificate no longer passes.
+    let a = panel
+        .admin_post(&format!("/api/v1/admin/nodes/{node}/revoke"), "op@example.test")
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert!(!reaches(url).await);
 }

@@ -556,11 +556,19 @@ enum Trust {
     Pinned(String),
 }
 
-#[derive(Debug)]
 struct IdentityServerVerifier {
     trust: Trust,
     expected: Identity,
     algorithms: WebPkiSupportedAlgorithms,
+    check: Option<Arc<dyn PeerCheck>>,
+}
+
+impl fmt::Debug for IdentityServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdentityServerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for IdentityServerVerifier {
@@ -588,6 +596,11 @@ impl ServerCertVerifier for IdentityServerVerifier {
         if info.identity != self.expected {
             return Err(refused());
         }
+        if let Some(check) = &self.check
+            && !check.allow(&info.identity, &info.fingerprint)
+        {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -614,11 +627,17 @@ impl ServerCertVerifier for IdentityServerVerifier {
     }
 }
 
-fn client_with(trust: Trust, slot: Arc<CertSlot>, expected: Identity) -> Result<ClientConfig, PkiError> {
+fn client_with(
+    trust: Trust,
+    slot: Arc<CertSlot>,
+    expected: Identity,
+    check: Option<Arc<dyn PeerCheck>>,
+) -> Result<ClientConfig, PkiError> {
     let verifier = Arc::new(IdentityServerVerifier {
         trust,
         expected,
         algorithms: algorithms(),
+        check,
     });
     Ok(ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -634,8 +653,20 @@ pub fn client_config(
     slot: Arc<CertSlot>,
     expected: Identity,
 ) -> Result<ClientConfig, PkiError> {
+    client_config_checked(ca_pem, slot, expected, None)
+}
+
+/// [`client_config`], with `check` having the last word on the server's certificate: the
+/// panel uses it so that calls to a node whose certificate was revoked or never issued
+/// through enrollment fail in the handshake.
+pub fn client_config_checked(
+    ca_pem: &str,
+    slot: Arc<CertSlot>,
+    expected: Identity,
+    check: Option<Arc<dyn PeerCheck>>,
+) -> Result<ClientConfig, PkiError> {
     let ca = certs_from_pem(ca_pem)?;
-    client_with(Trust::Ca(Arc::new(roots_of(&ca[0])?)), slot, expected)
+    client_with(Trust::Ca(Arc::new(roots_of(&ca[0])?)), slot, expected, check)
 }
 
 /// The client a node enrolls with: no certificate of its own yet, and the panel's CA known
@@ -645,6 +676,7 @@ pub fn enrollment_client_config(ca_fingerprint: &str) -> Result<ClientConfig, Pk
         Trust::Pinned(ca_fingerprint.to_ascii_lowercase()),
         CertSlot::empty(),
         Identity::Panel,
+        None,
     )
 }
 
