@@ -110,9 +110,94 @@ pub struct WriteOptions {
 
 type Compressor<W> = zstd::stream::write::Encoder<'static, Sealing<Digesting<W>>>;
 
+/// Bytes gathered before each call into zstd: tar headers and small files arrive in pieces of
+/// a few hundred bytes, and each zstd call has a fixed cost.
+const BATCH: usize = 1 << 20;
+
+/// Gathers writes into one large buffer for the compressor, and reads file content straight
+/// into it (one copy from the page cache, none through intermediate buffers).
+struct Batch<W: Write> {
+    inner: W,
+    buf: Box<[u8]>,
+    filled: usize,
+}
+
+impl<W: Write> Batch<W> {
+    fn new(inner: W) -> Batch<W> {
+        Batch {
+            inner,
+            buf: vec![0u8; BATCH].into_boxed_slice(),
+            filled: 0,
+        }
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        if self.filled > 0 {
+            self.inner.write_all(&self.buf[..self.filled])?;
+            self.filled = 0;
+        }
+        Ok(())
+    }
+
+    /// Copies up to `len` bytes from `source`; answers how many there were before its end.
+    fn read_from(&mut self, source: &mut impl Read, len: u64) -> io::Result<u64> {
+        let mut copied = 0u64;
+        while copied < len {
+            if self.filled == self.buf.len() {
+                self.drain()?;
+            }
+            let room =
+                (self.buf.len() - self.filled).min(usize::try_from(len - copied).unwrap_or(usize::MAX));
+            let n = match source.read(&mut self.buf[self.filled..self.filled + room]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.filled += n;
+            copied += n as u64;
+        }
+        Ok(copied)
+    }
+
+    fn zeros(&mut self, mut len: u64) -> io::Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while len > 0 {
+            let n = usize::try_from(len).unwrap_or(usize::MAX).min(ZEROS.len());
+            self.write_all(&ZEROS[..n])?;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn into_inner(mut self) -> io::Result<W> {
+        self.drain()?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for Batch<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.filled + data.len() > self.buf.len() {
+            self.drain()?;
+        }
+        if data.len() >= self.buf.len() {
+            return self.inner.write(data);
+        }
+        self.buf[self.filled..self.filled + data.len()].copy_from_slice(data);
+        self.filled += data.len();
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
+        self.inner.flush()
+    }
+}
+
 /// Builds an archive into `W`, one entry at a time.
 pub struct ArchiveWriter<W: Write> {
-    tar: tar::Builder<Compressor<W>>,
+    tar: tar::Builder<Batch<Compressor<W>>>,
     pub files: u64,
     /// Bytes of file content added (before compression).
     pub content_bytes: u64,
@@ -132,7 +217,7 @@ impl<W: Write> ArchiveWriter<W> {
         // zstd's own frame checksum catches corruption even in unencrypted archives that are
         // restored without their record.
         zstd.include_checksum(true)?;
-        let mut tar = tar::Builder::new(zstd);
+        let mut tar = tar::Builder::new(Batch::new(zstd));
         tar.mode(tar::HeaderMode::Complete);
         Ok(ArchiveWriter {
             tar,
@@ -165,14 +250,16 @@ impl<W: Write> ArchiveWriter<W> {
         mode: u32,
         mtime: i64,
         size: u64,
-        data: impl Read,
+        mut data: impl Read,
     ) -> io::Result<()> {
         let mut header = Self::header(tar::EntryType::Regular, mode, mtime, size);
-        let exact = ExactSize {
-            inner: data.take(size),
-            remaining: size,
-        };
-        self.tar.append_data(&mut header, path, exact)?;
+        // The header (and a GNU long-name entry before it when needed) alone: with no data
+        // the tar crate writes no padding either, so the content and its padding follow here.
+        self.tar.append_data(&mut header, path, io::empty())?;
+        let out = self.tar.get_mut();
+        let read = out.read_from(&mut data, size)?;
+        let padding = (512 - size % 512) % 512;
+        out.zeros(size - read + padding)?;
         self.files += 1;
         self.content_bytes += size;
         Ok(())
@@ -186,35 +273,12 @@ impl<W: Write> ArchiveWriter<W> {
     /// Ends the tar stream, the zstd frame and the last encrypted chunk; answers the sink and
     /// the stored size and checksum.
     pub fn finish(self) -> io::Result<(W, Digest)> {
-        let zstd = self.tar.into_inner()?;
+        let zstd = self.tar.into_inner()?.into_inner()?;
         let sealing = zstd.finish()?;
         let digesting = sealing.finish()?;
         let (mut sink, digest) = digesting.summary();
         sink.flush()?;
         Ok((sink, digest))
-    }
-}
-
-struct ExactSize<R> {
-    inner: R,
-    remaining: u64,
-}
-
-impl<R: Read> Read for ExactSize<R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 || out.is_empty() {
-            return Ok(0);
-        }
-        let mut n = self.inner.read(out)?;
-        if n == 0 {
-            // The file shrank: pad with zeros up to the size in the header.
-            n = out
-                .len()
-                .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
-            out[..n].fill(0);
-        }
-        self.remaining -= n as u64;
-        Ok(n)
     }
 }
 
@@ -225,16 +289,29 @@ pub fn verify(source: impl Read, key: Option<&BackupKey>, expected: &Digest) -> 
     let mut digesting = Digesting::new(source);
     match key {
         Some(key) => {
-            io::copy(&mut OpenReader::new(&mut digesting, key)?, &mut io::sink())?;
+            drain(&mut OpenReader::new(&mut digesting, key)?)?;
             // The reader stops after the last chunk; anything beyond it is counted too.
-            io::copy(&mut digesting, &mut io::sink())?;
+            drain(&mut digesting)?;
         }
         None => {
-            io::copy(&mut digesting, &mut io::sink())?;
+            drain(&mut digesting)?;
         }
     }
     let (_, digest) = digesting.summary();
     check_digest(&digest, expected)
+}
+
+/// Reads `source` to its end in large pieces (`io::copy` would read 8 KiB at a time).
+fn drain(source: &mut impl Read) -> io::Result<()> {
+    let mut buf = vec![0u8; READ_BUFFER];
+    loop {
+        match source.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn check_digest(actual: &Digest, expected: &Digest) -> io::Result<()> {
@@ -270,7 +347,15 @@ impl<R: Read> Read for Opening<R> {
     }
 }
 
-type Decompressor<R> = zstd::stream::read::Decoder<'static, io::BufReader<Opening<Digesting<R>>>>;
+type Decompressor<R> =
+    io::BufReader<zstd::stream::read::Decoder<'static, io::BufReader<Opening<Digesting<R>>>>>;
+
+/// Pieces for draining a stream to its end.
+const READ_BUFFER: usize = 1 << 20;
+
+/// Decompressed bytes buffered for the tar reader: its 512-byte header reads and small files
+/// are served from here instead of one zstd call each; larger reads bypass it.
+const TAR_READ_BUFFER: usize = 64 * 1024;
 
 /// Reads an archive's entries; [`ArchiveReader::finish`] reads whatever is left and checks the
 /// whole stream's size and SHA-256.
@@ -301,7 +386,7 @@ impl<R: Read> ArchiveReader<R> {
         };
         let zstd = zstd::stream::read::Decoder::new(opening)?;
         Ok(ArchiveReader {
-            tar: tar::Archive::new(zstd),
+            tar: tar::Archive::new(io::BufReader::with_capacity(TAR_READ_BUFFER, zstd)),
         })
     }
 
@@ -349,15 +434,16 @@ impl<R: Read> ArchiveReader<R> {
     /// Reads to the end of the stored stream (also past the tar end marker) and checks it
     /// against `expected`.
     pub fn finish(self, expected: &Digest) -> io::Result<()> {
-        let mut zstd = self.tar.into_inner();
-        io::copy(&mut zstd, &mut io::sink())?;
+        let mut buffered = self.tar.into_inner();
+        drain(&mut buffered)?;
+        let zstd = buffered.into_inner();
         let mut opening = zstd.finish().into_inner();
-        io::copy(&mut opening, &mut io::sink())?;
+        drain(&mut opening)?;
         let mut digesting = match opening {
             Opening::Plain(r) => r,
             Opening::Opened(r) => (*r).into_inner(),
         };
-        io::copy(&mut digesting, &mut io::sink())?;
+        drain(&mut digesting)?;
         let (_, digest) = digesting.summary();
         check_digest(&digest, expected)
     }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::crypto::BackupKey;
 use super::format::{Digest, IgnoreList, WriteOptions};
-use super::store::{ChannelReader, PartWriter, Stores, Upload};
+use super::store::{PartWriter, Stores, Upload};
 use super::tree::{self, Extracted, Progress};
 use crate::files::ServerFs;
 
@@ -135,8 +135,10 @@ pub async fn verify(
     key: Option<BackupKey>,
     expected: &Digest,
 ) -> Result<Option<String>, String> {
-    let (_, etag, stream) = stores.get(adapter, path, None).await.map_err(|e| e.to_string())?;
-    let reader = ChannelReader::spawn(stream);
+    let (etag, reader) = stores
+        .reader(adapter, path, None)
+        .await
+        .map_err(|e| e.to_string())?;
     let expected = expected.clone();
     tokio::task::spawn_blocking(move || super::format::verify(reader, key.as_ref(), &expected))
         .await
@@ -164,11 +166,10 @@ pub async fn extract(
     progress: impl FnMut(u64, u64) + Send + 'static,
     cancel: &CancellationToken,
 ) -> Result<Extracted, String> {
-    let (_, _, stream) = stores
-        .get(job.adapter, &job.path, job.etag)
+    let (_, reader) = stores
+        .reader(job.adapter, &job.path, job.etag)
         .await
         .map_err(|e| format!("the archive changed since it was verified: {e}"))?;
-    let reader = ChannelReader::spawn(stream);
     let cancel = cancel.clone();
     let ExtractJob {
         fs,

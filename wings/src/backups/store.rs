@@ -270,6 +270,48 @@ impl Stores {
     }
 }
 
+impl Stores {
+    /// Opens an object for reading on a blocking thread: its ETag (to read the same version
+    /// again) and a reader. A local object is read straight from its file in large pieces;
+    /// object_store's stream of it would hand over 8 KiB chunks, each through a blocking task.
+    /// Must be called within the runtime (an S3 object is pumped by a task).
+    pub async fn reader(
+        &self,
+        adapter: BackupAdapter,
+        path: &ObjectPath,
+        if_match: Option<String>,
+    ) -> Result<(Option<String>, ArchiveSource), StoreError> {
+        let options = object_store::GetOptions {
+            if_match,
+            ..Default::default()
+        };
+        let result = self.store(adapter)?.get_opts(path, options).await?;
+        let etag = result.meta.e_tag.clone();
+        let source = match result.payload {
+            object_store::GetResultPayload::File(file, _) => ArchiveSource::File(file),
+            object_store::GetResultPayload::Stream(stream) => {
+                ArchiveSource::Stream(ChannelReader::spawn(stream))
+            }
+        };
+        Ok((etag, source))
+    }
+}
+
+/// A stored archive being read on a blocking thread.
+pub enum ArchiveSource {
+    File(std::fs::File),
+    Stream(ChannelReader),
+}
+
+impl Read for ArchiveSource {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ArchiveSource::File(f) => f.read(out),
+            ArchiveSource::Stream(r) => r.read(out),
+        }
+    }
+}
+
 fn s3_client(config: &S3Config) -> Result<AmazonS3, StoreError> {
     let mut builder = AmazonS3Builder::new()
         .with_bucket_name(&config.bucket)

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::crypto::BackupKey;
 use super::format::{ArchiveReader, ArchiveWriter, Digest, EntryKind, IgnoreList, WriteOptions};
-use crate::files::{EntryKind as FsKind, FsError, OpenOptions, ServerFs};
+use crate::files::{EntryKind as FsKind, FsError, FsFile, OpenOptions, ServerFs};
 
 /// Buffer for reading a file into the archive and writing one out of it.
 const FILE_BUFFER: usize = 256 * 1024;
@@ -66,7 +66,6 @@ pub fn write_archive<W: Write>(
     progress: &mut Progress<impl FnMut(u64, u64)>,
 ) -> io::Result<Written<W>> {
     let mut archive = ArchiveWriter::new(sink, options)?;
-    let mut buffer = vec![0u8; FILE_BUFFER];
     let mut walker = fs.walk(".").map_err(io::Error::from)?;
     while let Some(entry) = walker.next() {
         if cancel.is_cancelled() {
@@ -88,15 +87,9 @@ pub fn write_archive<W: Write>(
                     archive.add_symlink(&entry.path, target, meta.modified)?;
                 }
             }
-            FsKind::File => match fs.open_read(&entry.path) {
+            FsKind::File => match walker.open_file(&entry) {
                 Ok((file, meta)) => {
-                    let reader = Buffered {
-                        file,
-                        buf: &mut buffer,
-                        start: 0,
-                        end: 0,
-                    };
-                    archive.add_file(&entry.path, meta.mode, meta.modified, meta.size, reader)?;
+                    archive.add_file(&entry.path, meta.mode, meta.modified, meta.size, file)?;
                 }
                 // Removed, or swapped for something else, since the walk saw it.
                 Err(
@@ -117,28 +110,6 @@ pub fn write_archive<W: Write>(
         files,
         content_bytes,
     })
-}
-
-/// Reads a file in large pieces into one buffer reused for every file (tar copies in small
-/// ones; a buffer per file would cost an allocation for each of many small files).
-struct Buffered<'a> {
-    file: std::fs::File,
-    buf: &'a mut [u8],
-    start: usize,
-    end: usize,
-}
-
-impl Read for Buffered<'_> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = self.file.read(self.buf)?;
-        }
-        let n = out.len().min(self.end - self.start);
-        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-        self.start += n;
-        Ok(n)
-    }
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +148,34 @@ fn clear_for_file(fs: &ServerFs, path: &str) -> io::Result<()> {
         Err(FsError::NotFound(_)) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Creates a file that must not exist yet, writable by its owner while it is filled.
+fn create_file(fs: &ServerFs, path: &str, mode: u32) -> io::Result<FsFile> {
+    fs.open(
+        path,
+        &OpenOptions {
+            write: true,
+            create: true,
+            exclusive: true,
+            mode: (mode & 0o777) | 0o200,
+            ..OpenOptions::default()
+        },
+    )
+    .map_err(io::Error::from)
+}
+
+/// Mode and modification time of a written file, set through its handle.
+fn finish_file(file: &FsFile, mode: u32, mtime: i64) -> io::Result<()> {
+    let want = mode & 0o777;
+    // Bits the umask took, or an owner without write permission (created writable so the
+    // content could be written).
+    if want & 0o022 != 0 || want & 0o200 == 0 {
+        file.set_permissions(want).map_err(io::Error::from)?;
+    }
+    let modified = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(mtime).unwrap_or(0));
+    let _ = file.set_modified(modified);
+    Ok(())
 }
 
 /// Extracts an archive into the server root through the jail. `fresh` says the root was
@@ -220,48 +219,28 @@ pub fn extract(
                 dir_modes.push((path.to_string(), mode & 0o777));
             }
             EntryKind::File { size } => {
-                let want = mode & 0o777;
                 ensure_parent(&mut dirs)?;
                 if !fresh {
                     clear_for_file(fs, path)?;
                 }
-                let file = fs
-                    .open(
-                        path,
-                        &OpenOptions {
-                            write: true,
-                            create: true,
-                            exclusive: true,
-                            mode: want | 0o200,
-                            ..OpenOptions::default()
-                        },
-                    )
-                    .map_err(io::Error::from)?;
-                let mut out = file;
-                let mut left = size;
-                while left > 0 {
-                    let n = data.read(
-                        &mut buffer[..usize::try_from(left.min(FILE_BUFFER as u64)).unwrap_or(FILE_BUFFER)],
-                    )?;
+                let file = create_file(fs, path, mode)?;
+                // Positional writes: no seek and no size query around each one.
+                let mut written = 0u64;
+                while written < size {
+                    let want =
+                        usize::try_from((size - written).min(FILE_BUFFER as u64)).unwrap_or(FILE_BUFFER);
+                    let n = data.read(&mut buffer[..want])?;
                     if n == 0 {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "archive entry ends early",
                         ));
                     }
-                    out.write_all(&buffer[..n])?;
-                    left -= n as u64;
+                    file.write_all_at(&buffer[..n], written)
+                        .map_err(io::Error::from)?;
+                    written += n as u64;
                 }
-                let file = out;
-                // Bits the umask took, or an owner without write permission (created writable
-                // so the content could be written).
-                if want & 0o022 != 0 || want & 0o200 == 0 {
-                    file.set_permissions(want).map_err(io::Error::from)?;
-                }
-                drop(file);
-                let modified =
-                    SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(mtime).unwrap_or(0));
-                let _ = fs.set_times(path, None, Some(modified));
+                finish_file(&file, mode, mtime)?;
                 done.files += 1;
                 done.content_bytes += size;
             }

@@ -1191,6 +1191,24 @@ impl FsFile {
             .map_err(|e| FsError::from_errno(&self.path, e))
     }
 
+    /// Sets the modification time through the handle (the access time is left alone).
+    pub fn set_modified(&self, modified: SystemTime) -> FsResult<()> {
+        let d = modified
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let times = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: d.subsec_nanos().into(),
+            },
+        };
+        rustix::fs::futimens(&self.file, &times).map_err(|e| FsError::from_errno(&self.path, e))
+    }
+
     pub fn sync_all(&self) -> FsResult<()> {
         self.file.sync_all().map_err(|e| FsError::from_io(&self.path, e))
     }

@@ -499,3 +499,36 @@ fn a_swap_race_never_escapes() {
     );
     assert_ne!(std::os::unix::fs::MetadataExt::mtime(&meta), 0);
 }
+
+/// The walk opens files by name from the folder handle it holds: the content is read, and a
+/// file swapped for a link to something outside after the walk saw it is not followed.
+#[test]
+fn the_walk_opens_files_from_its_folder_handle_and_never_through_a_swapped_link() {
+    let (dir, fs) = root();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret"), "s").unwrap();
+    fs.create_dir_all("a/b").unwrap();
+    fs.write_file_atomic("a/b/f", b"content").unwrap();
+    fs.write_file_atomic("a/b/g", b"g").unwrap();
+    let mut walker = fs.walk(".").unwrap();
+    let mut read = Vec::new();
+    while let Some(entry) = walker.next() {
+        let entry = entry.unwrap();
+        if entry.path == "a/b/f" {
+            let (mut file, meta) = walker.open_file(&entry).unwrap();
+            assert_eq!(meta.size, 7);
+            let mut content = String::new();
+            std::io::Read::read_to_string(&mut file, &mut content).unwrap();
+            read.push(content);
+        }
+        if entry.path == "a/b/g" {
+            std::fs::remove_file(dir.path().join("a/b/g")).unwrap();
+            std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("a/b/g")).unwrap();
+            assert!(matches!(walker.open_file(&entry), Err(FsError::Symlink(_))));
+        }
+        if entry.meta.kind == EntryKind::Directory {
+            assert!(matches!(walker.open_file(&entry), Err(FsError::NotAFile(_))));
+        }
+    }
+    assert_eq!(read, ["content"]);
+}

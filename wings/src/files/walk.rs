@@ -69,6 +69,37 @@ impl Walker {
     pub fn skip_current_dir(&mut self) {
         self.stack.pop();
     }
+
+    /// Opens the regular file `entry` (the entry last returned) for reading, by name from the
+    /// folder handle the walk already holds: no path resolution from the root per file, and
+    /// `O_NOFOLLOW`, so a file swapped for a symlink since the walk saw it is not followed.
+    pub fn open_file(&self, entry: &WalkEntry) -> FsResult<(std::fs::File, Metadata)> {
+        let frame = self
+            .stack
+            .last()
+            .ok_or_else(|| FsError::NotFound(entry.path.clone()))?;
+        let name = entry
+            .path
+            .rsplit_once('/')
+            .map_or(entry.path.as_str(), |(_, name)| name);
+        if entry.meta.kind != EntryKind::File || join(&frame.path, name) != entry.path {
+            return Err(FsError::NotAFile(entry.path.clone()));
+        }
+        self.fs.check_denied(&entry.path, None, false)?;
+        let fd = rustix::fs::openat(
+            &frame.dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| FsError::from_errno(&entry.path, e))?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| FsError::from_errno(&entry.path, e))?;
+        let meta = Metadata::from_stat(&st);
+        if meta.kind != EntryKind::File {
+            return Err(FsError::NotAFile(entry.path.clone()));
+        }
+        Ok((std::fs::File::from(fd), meta))
+    }
 }
 
 impl Iterator for Walker {
