@@ -10,7 +10,9 @@
 //! Rounds alternate the tools; each figure is the median of the rounds. Run from the
 //! repository root (needs `tar`, `gzip`, `zstd`):
 //!     cargo bench -p mamba-wings --bench backup            (or scripts/bench/backup.sh)
-//! Env: BENCH_DIR (default: a temporary folder under /var/tmp), BENCH_ROUNDS (default 3).
+//! Env: BENCH_DIR (default: a temporary folder under /var/tmp), BENCH_ROUNDS (default 3),
+//! BENCH_KEEP=1 (reuse the folder an earlier run generated in BENCH_DIR), BENCH_ONLY=wings
+//! (one wings backup and restore, with their CPU times, for profiling).
 //! Prints a Markdown report on stdout.
 
 #![allow(
