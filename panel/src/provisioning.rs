@@ -332,8 +332,30 @@ impl Provisioner {
             Err(e) if e.is_conflict() => {}
             Err(e) => return Err(wings_error(e)),
         }
-        let view = client.server(id).await.map_err(wings_error)?;
-        self.set_status(id, status_of(&view)).await
+        // Done when the node reports the state the action leads to, so the server's status
+        // never rests on a passing `stopping` or `starting`.
+        let wanted = match action {
+            PowerAction::Start | PowerAction::Restart => ServerState::Running,
+            PowerAction::Stop | PowerAction::Kill => ServerState::Offline,
+        };
+        let deadline = Instant::now() + self.install_timeout;
+        loop {
+            let view = client.server(id).await.map_err(wings_error)?;
+            self.set_status(id, status_of(&view)).await?;
+            let settled = view.state == wanted
+                || (wanted == ServerState::Offline && view.state == ServerState::Crashed);
+            if settled {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(JobError::Retry(format!(
+                    "the server was {:?}, not {wanted:?}, after {}s",
+                    view.state,
+                    self.install_timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
     }
 
     async fn delete(&self, job: &Job, ctx: &JobContext, id: &ServerId) -> Result<(), JobError> {

@@ -483,10 +483,11 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment
-            // WINGS_CONFIG and WINGS_LOG_JSON are command-line options, not config keys.
+            // WINGS_CONFIG, WINGS_LOG_JSON and WINGS_ENROLL_TOKEN are command-line options,
+            // not config keys.
             .merge(
                 Env::prefixed("WINGS_")
-                    .ignore(&["config", "log_json"])
+                    .ignore(&["config", "log_json", "enroll_token"])
                     .split("__"),
             )
             .extract()
@@ -664,6 +665,7 @@ mod tests {
             jail.set_env("WINGS_CRASH_GUARD__MAX_ATTEMPTS", "7");
             jail.set_env("WINGS_CONFIG", "/elsewhere.toml");
             jail.set_env("WINGS_LOG_JSON", "true");
+            jail.set_env("WINGS_ENROLL_TOKEN", "mamba-enroll-token");
             let config = Config::load(&path).unwrap();
             assert_eq!(config.api.listen.port(), 9999);
             assert_eq!(config.crash_guard.max_attempts, 7);
