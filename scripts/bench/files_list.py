@@ -15,11 +15,13 @@ server, fills `big/` in its folder with N empty files (default 100,000), then fo
 wings' memory is read from /proc: resident before the first listing and its peak (VmHWM)
 after all rounds. The report goes to stdout as Markdown; progress to stderr.
 
-Needs root, Docker and mamba/testbox:latest (scripts/images.sh).
+Needs root, Docker and mamba/testbox:latest (scripts/images.sh). wings is enrolled with a
+throwaway CA and called as the panel over mutual TLS (scripts/bench/wings_dev.py).
 
 Usage, from the repository root:
     python3 scripts/bench/files_list.py [--entries 100000] [--rounds 5] [--wings PATH]
-The wings binary defaults to $CARGO_TARGET_DIR/release/wings (cargo build --release -p mamba-wings).
+The wings binary defaults to $CARGO_TARGET_DIR/release/wings
+(cargo build --release -p mamba-wings --bin wings --example dev_enroll).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from pathlib import Path
 
 import yaml
 
+import wings_dev
+
 REPO = Path(__file__).resolve().parents[2]
-TOKEN = "bench-token-" + "x" * 32
+CLIENT: Path | None = None  # the panel's client certificate, once wings is enrolled
 
 
 def log(message: str) -> None:
@@ -65,12 +69,12 @@ def proc_status(pid: int) -> dict[str, int]:
 
 def request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
-    req.add_header("Authorization", f"Bearer {TOKEN}")
+    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    assert CLIENT is not None
     try:
-        with urllib.request.urlopen(req, timeout=300) as r:
+        with urllib.request.urlopen(req, timeout=300, context=wings_dev.ssl_context(CLIENT)) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -110,11 +114,15 @@ def main() -> None:
     if not os.access(args.wings, os.X_OK):
         raise SystemExit(f"no wings binary at {args.wings} (cargo build --release -p mamba-wings)")
 
+    global CLIENT
     work = Path(tempfile.mkdtemp(prefix="mamba-files-bench.", dir="/var/tmp"))
     port = free_port()
     data = work / "data"
+    CLIENT = work / "client"
+    wings_dev.enroll(data, CLIENT)
     (work / "wings.toml").write_text(
-        f'[api]\nlisten = "127.0.0.1:{port}"\ntoken = "{TOKEN}"\n\n[system]\ndata_dir = "{data}"\n'
+        f'[api]\nlisten = "127.0.0.1:{port}"\npublic_listen = "127.0.0.1:{free_port()}"\n\n'
+        f'[system]\ndata_dir = "{data}"\n'
     )
     wings = subprocess.Popen(
         [args.wings, "--config", str(work / "wings.toml")],

@@ -11,7 +11,9 @@
 # Usage, from the repository root, as root:
 #   scripts/bench/sftp.sh [--size-mib 1024] [--rounds 3] [--wings PATH]
 # Needs Docker with mamba/testbox:latest (scripts/images.sh) and scripts/sftp-tools.sh.
-# The wings binary defaults to $CARGO_TARGET_DIR/release/wings (cargo build --release -p mamba-wings).
+# The wings binary defaults to $CARGO_TARGET_DIR/release/wings
+# (cargo build --release -p mamba-wings --bin wings --example dev_enroll). wings is enrolled
+# with a throwaway CA and called as the panel over mutual TLS (scripts/bench/wings_dev.py).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 size_mib=1024
@@ -78,8 +80,10 @@ pids+=($!)
 
 # --- wings, with one server to log into ----------------------------------------------------
 api_port=$(free_port)
+public_port=$(free_port)
 sftp_port=$(free_port)
-token=$(head -c 32 /dev/urandom | base64 | tr -d '\n')
+dev=$repo/scripts/bench/wings_dev.py
+python3 "$dev" enroll "$work/wings-data" "$work/client"
 server_id="sftpbench-$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 short=${server_id:0:8}
 cat > "$work/credentials.toml" <<EOF
@@ -92,7 +96,7 @@ EOF
 cat > "$work/wings.toml" <<EOF
 [api]
 listen = "127.0.0.1:$api_port"
-token = "$token"
+public_listen = "127.0.0.1:$public_port"
 [system]
 data_dir = "$work/wings-data"
 [sftp]
@@ -101,8 +105,8 @@ credentials_file = "$work/credentials.toml"
 EOF
 "$wings_bin" --config "$work/wings.toml" > "$work/wings.log" 2>&1 &
 pids+=($!)
-api() { curl -fsS -H "Authorization: Bearer $token" "$@"; }
-wait_for "wings" curl -fsS "http://127.0.0.1:$api_port/healthz"
+api() { python3 "$dev" call "$work/client" "$@"; }
+wait_for "wings" api GET "https://127.0.0.1:$api_port/healthz"
 python3 - "$repo/wings/tests/fixtures/testbox.yaml" "$server_id" "$(free_port)" "$((size_mib * 3 + 512))" > "$work/create.json" <<'EOF'
 import json, sys, yaml
 blueprint = yaml.safe_load(open(sys.argv[1]))
@@ -113,8 +117,8 @@ print(json.dumps({
     "start_on_completion": False,
 }))
 EOF
-api -X POST -H 'content-type: application/json' --data @"$work/create.json" "http://127.0.0.1:$api_port/api/servers" >/dev/null
-installed() { api "http://127.0.0.1:$api_port/api/servers/$server_id" | grep -q '"status":"installed"'; }
+api POST "https://127.0.0.1:$api_port/api/servers" "$work/create.json" >/dev/null
+installed() { api GET "https://127.0.0.1:$api_port/api/servers/$server_id" | grep -q '"status":"installed"'; }
 wait_for "the server's install" installed
 wait_for "sshd" bash -c "echo > /dev/tcp/127.0.0.1/$sshd_port"
 

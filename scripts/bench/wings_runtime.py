@@ -17,7 +17,9 @@ the raw numbers. Everything the run creates (servers, containers, the data folde
 Docker network if the run created it) is removed at the end, also when a step fails.
 
 Needs root (wings chowns server folders to the container user), Docker, and the image
-mamba/testbox:latest (built with scripts/images.sh when missing).
+mamba/testbox:latest (built with scripts/images.sh when missing). wings is enrolled with a
+throwaway CA and called as the panel over mutual TLS (scripts/bench/wings_dev.py; build
+with `cargo build --release -p mamba-wings --bin wings --example dev_enroll`).
 
 Usage, from the repository root:
     python3 scripts/bench/wings_runtime.py [--iterations 10] [--servers 50] [--wings PATH] [--json FILE]
@@ -43,12 +45,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
+
+import wings_dev
 
 REPO = Path(__file__).resolve().parents[2]
 BLUEPRINT = REPO / "wings" / "tests" / "fixtures" / "testbox.yaml"
@@ -172,19 +177,26 @@ class Wings:
         self.data_dir = workdir / "data"
         self.config_path = workdir / "wings.toml"
         self.log_path = workdir / "wings.log"
-        self.port = free_ports(1)[0]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.token = secrets.token_hex(24)  # 48 characters; wings wants at least 32
-        self.headers = {"Authorization": f"Bearer {self.token}"}
-        self.session = requests.Session()
-        self.session.headers.update(self.headers)
+        self.client_dir = workdir / "client"
+        self.port, self.public_port = free_ports(2)
+        self.base = f"https://127.0.0.1:{self.port}"
+        # One session per thread: creates run from many threads at once.
+        self.local = threading.local()
         self.proc: subprocess.Popen | None = None
 
+    @property
+    def session(self) -> requests.Session:
+        if not hasattr(self.local, "session"):
+            self.local.session = wings_dev.session(self.client_dir)
+        return self.local.session
+
     def start(self) -> None:
+        if not (self.data_dir / "pki").exists():
+            wings_dev.enroll(self.data_dir, self.client_dir)
         self.config_path.write_text(
             "[api]\n"
             f'listen = "127.0.0.1:{self.port}"\n'
-            f'token = "{self.token}"\n'
+            f'public_listen = "127.0.0.1:{self.public_port}"\n'
             "[system]\n"
             f'data_dir = "{self.data_dir}"\n'
             "[docker]\n"
@@ -207,7 +219,7 @@ class Wings:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"wings exited with {self.proc.returncode} during start (its log follows on stderr)")
             try:
-                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
+                if self.session.get(f"{self.base}/healthz", timeout=1).status_code == 200:
                     return
             except requests.RequestException:
                 pass
@@ -226,11 +238,10 @@ class Wings:
         return self.session.get(self.base + path, timeout=HTTP_TIMEOUT)
 
     def post(self, path: str, body: Any) -> requests.Response:
-        # No shared session: this is called from many threads at once.
-        return requests.post(self.base + path, json=body, headers=self.headers, timeout=HTTP_TIMEOUT)
+        return self.session.post(self.base + path, json=body, timeout=HTTP_TIMEOUT)
 
     def delete(self, path: str) -> requests.Response:
-        return requests.delete(self.base + path, headers=self.headers, timeout=HTTP_TIMEOUT)
+        return self.session.delete(self.base + path, timeout=HTTP_TIMEOUT)
 
     def stop(self) -> None:
         if not self.alive():

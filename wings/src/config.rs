@@ -64,20 +64,28 @@ impl Default for ReporterConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address the HTTP API listens on. Once the node is enrolled (`wings enroll`), it is
-    /// mutual TLS and admits only the panel's certificate.
+    /// Address the panel's API listens on: mutual TLS admitting only the panel's certificate
+    /// from the CA the node enrolled with (`wings enroll`).
     pub listen: SocketAddr,
-    /// Once enrolled: the plain-HTTP listener for browsers (console sockets and other
-    /// routes that carry their own signed token); the panel's routes refuse every request
-    /// there.
+    /// The plain-HTTP listener for browsers (console sockets and other routes that carry
+    /// their own signed token); the panel's routes refuse every request there.
     pub public_listen: SocketAddr,
-    /// Bearer token the panel presents while the node is not enrolled; at least 32
-    /// characters. Ignored once the node is enrolled.
-    pub token: String,
+    /// The bearer token of earlier versions, removed (ADR 0009). Read only so that a config
+    /// still carrying it starts with a warning rather than an unknown-key error: the key
+    /// grants nothing any more, so ignoring it cannot open anything.
+    #[serde(default, skip_serializing)]
+    token: Option<String>,
     /// HTTP worker threads.
     pub workers: usize,
     /// Largest JSON request body accepted, in bytes.
     pub max_json_bytes: usize,
+}
+
+impl ApiConfig {
+    /// Whether the config (file or `WINGS_API__TOKEN`) still sets the removed `api.token`.
+    pub fn has_legacy_token(&self) -> bool {
+        self.token.is_some()
+    }
 }
 
 impl Default for ApiConfig {
@@ -85,7 +93,7 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
-            token: String::new(),
+            token: None,
             workers: 1,
             max_json_bytes: 1024 * 1024,
         }
@@ -498,11 +506,6 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
-        // Empty is allowed here (an enrolled node needs none, and `wings enroll` runs before
-        // there is anything to configure); `wings serve` requires it while not enrolled.
-        if !self.api.token.is_empty() && self.api.token.len() < 32 {
-            return bad("api.token must be at least 32 characters (set it in the file or WINGS_API__TOKEN)");
-        }
         if self.api.workers == 0 {
             return bad("api.workers must be at least 1");
         }
@@ -659,7 +662,7 @@ mod tests {
     fn environment_overrides_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wings.toml");
-        std::fs::write(&path, "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
+        std::fs::write(&path, "[api]\nworkers = 2\n").unwrap();
         figment::Jail::expect_with(|jail| {
             jail.set_env("WINGS_API__LISTEN", "127.0.0.1:9999");
             jail.set_env("WINGS_CRASH_GUARD__MAX_ATTEMPTS", "7");
@@ -674,21 +677,28 @@ mod tests {
     }
 
     #[test]
-    fn unknown_keys_and_short_tokens_are_refused() {
+    fn unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wings.toml");
-        std::fs::write(
-            &path,
-            "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\nlisten_addr = \"x\"\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "[api]\nlisten_addr = \"x\"\n").unwrap();
         assert!(
             Config::load(&path)
                 .unwrap_err()
                 .to_string()
                 .contains("listen_addr")
         );
-        std::fs::write(&path, "[api]\ntoken = \"short\"\n").unwrap();
-        assert!(Config::load(&path).unwrap_err().to_string().contains("api.token"));
+    }
+
+    /// The removed bearer token still loads, is flagged for the start-up warning, and is
+    /// never printed back.
+    #[test]
+    fn the_removed_token_is_noticed_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wings.toml");
+        std::fs::write(&path, "[api]\ntoken = \"0123456789abcdef0123456789abcdef\"\n").unwrap();
+        let config = Config::load(&path).unwrap();
+        assert!(config.api.has_legacy_token());
+        assert!(!toml::to_string(&config).unwrap().contains("0123456789abcdef"));
+        assert!(!Config::default().api.has_legacy_token());
     }
 }

@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Serve,
-    /// Check the configuration and print it with defaults filled in (the token is hidden).
+    /// Check the configuration and print it with defaults filled in (secrets are hidden).
     CheckConfig,
     /// Enroll this node with the panel: trade a one-time token for a certificate, stored under
     /// `<system.data_dir>/pki/`.
@@ -81,7 +81,6 @@ fn main() -> anyhow::Result<()> {
         Command::HashPassword => Ok(()),
         Command::CheckConfig => {
             let mut shown = config.clone();
-            shown.api.token = "<hidden>".into();
             if !shown.backups.s3.secret_access_key.is_empty() {
                 shown.backups.s3.secret_access_key = "<hidden>".into();
             }
@@ -117,30 +116,23 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let workers = config.api.workers;
         let max_json = config.api.max_json_bytes;
         let public_listen = config.api.public_listen;
-        let identity = NodeIdentity::load(&config.system.data_dir)?.map(Arc::new);
-        // Enrolled: the panel authenticates with its certificate and the bearer token is
-        // refused. Not enrolled: the token is required.
-        let token = match &identity {
-            Some(_) => {
-                if !config.api.token.is_empty() {
-                    tracing::warn!("api.token is ignored: this node is enrolled and the panel uses its certificate");
-                }
-                String::new()
-            }
-            None if config.api.token.is_empty() => {
-                anyhow::bail!("api.token is required until the node is enrolled (`wings enroll`)")
-            }
-            None => config.api.token.clone(),
+        // The panel's API is served only over mutual TLS, so there is nothing to serve
+        // before the node holds a certificate from the panel's CA.
+        let Some(identity) = NodeIdentity::load(&config.system.data_dir)?.map(Arc::new) else {
+            anyhow::bail!(
+                "this node is not enrolled: run `wings enroll --panel URL --token TOKEN` first (the panel's API is served only over mutual TLS)"
+            );
         };
-        let mut token_config = config.tokens.clone();
-        if let Some(identity) = &identity {
-            tracing::info!(node = %identity.record.node_id, "enrolled with the panel");
-            // The key the panel handed over at enrollment, unless the operator names another.
-            if token_config.panel_public_key_file.is_empty() {
-                token_config.panel_public_key_file = identity.token_key_file().display().to_string();
-            }
-            identity.clone().spawn_renewal();
+        if config.api.has_legacy_token() {
+            tracing::warn!("api.token is ignored and can be removed: the panel authenticates with its certificate");
         }
+        let mut token_config = config.tokens.clone();
+        tracing::info!(node = %identity.record.node_id, "enrolled with the panel");
+        // The key the panel handed over at enrollment, unless the operator names another.
+        if token_config.panel_public_key_file.is_empty() {
+            token_config.panel_public_key_file = identity.token_key_file().display().to_string();
+        }
+        identity.clone().spawn_renewal();
         let tokens = Arc::new(TokenVerifier::new(&token_config, &config.system.data_dir)?);
         let websocket = Arc::new(SessionSettings {
             config: config.websocket.clone(),
@@ -186,7 +178,6 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let state = web::Data::new(AppState {
             manager: manager.clone(),
             runtime: tokio::runtime::Handle::current(),
-            token,
             system: SystemProbe::default(),
             tokens,
             websocket,
@@ -204,44 +195,28 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .disable_signals()
             .shutdown_timeout(5)
         };
-        let server = match &identity {
-            Some(identity) => make_server()
-                .on_connect(api::on_connect)
-                .bind_rustls_0_23(listen, identity.panel_only_server_config()?)
-                .with_context(|| format!("cannot listen on {listen}"))?
-                .run(),
-            None => make_server()
-                .bind(listen)
-                .with_context(|| format!("cannot listen on {listen}"))?
-                .run(),
-        };
-        tracing::info!(%listen, mtls = identity.is_some(), version = env!("CARGO_PKG_VERSION"), "wings is listening");
-        let public = match &identity {
-            Some(_) => {
-                let public = make_server()
-                    .bind(public_listen)
-                    .with_context(|| format!("cannot listen on {public_listen}"))?
-                    .run();
-                tracing::info!(listen = %public_listen, "public listener (console sockets) is listening");
-                Some(public)
-            }
-            None => None,
-        };
+        let server = make_server()
+            .on_connect(api::on_connect)
+            .bind_rustls_0_23(listen, identity.panel_only_server_config()?)
+            .with_context(|| format!("cannot listen on {listen}"))?
+            .run();
+        tracing::info!(%listen, version = env!("CARGO_PKG_VERSION"), "wings is listening (mutual TLS, panel only)");
+        let public = make_server()
+            .bind(public_listen)
+            .with_context(|| format!("cannot listen on {public_listen}"))?
+            .run();
+        tracing::info!(listen = %public_listen, "public listener (console sockets, signed URLs) is listening");
         let handle = server.handle();
-        let public_handle = public.as_ref().map(|p| p.handle());
+        let public_handle = public.handle();
         let server_task = tokio::spawn(server);
-        let public_task = public.map(tokio::spawn);
+        let public_task = tokio::spawn(public);
         wait_for_shutdown_signal().await?;
         // Game servers keep running: their containers do not depend on this process.
         tracing::info!("shutting down; game servers keep running");
         shutdown.cancel();
         handle.stop(true).await;
-        if let Some(public_handle) = public_handle {
-            public_handle.stop(true).await;
-        }
-        if let Some(public_task) = public_task {
-            let _ = public_task.await;
-        }
+        public_handle.stop(true).await;
+        let _ = public_task.await;
         let _ = server_task.await;
         if let Some(task) = sftp_task {
             let _ = task.await;

@@ -1,7 +1,6 @@
 //! Wings' HTTP API (actix-web). The panel is its only client for everything but console
-//! sockets. Once the node is enrolled, the panel's routes are served on a mutual-TLS
-//! listener that admits only the panel's certificate, and refused on the public listener;
-//! before, they need `Authorization: Bearer <api.token>`.
+//! sockets and signed URLs. The panel's routes are served on a mutual-TLS listener that
+//! admits only the panel's certificate, and refused on the public listener.
 //!
 //! API boundary: handlers parse and check input, then hand the work to the server actors on
 //! the main runtime. They never talk to Docker themselves.
@@ -25,7 +24,6 @@ use mamba_shared::wings_api::{
     PowerRequest, ServerUpdated,
 };
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 
 use self::error::ApiError;
 use crate::server::Server;
@@ -38,7 +36,6 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// The main runtime, where server actors and Docker connections live.
     pub runtime: tokio::runtime::Handle,
-    pub token: String,
     pub system: SystemProbe,
     pub tokens: Arc<TokenVerifier>,
     pub websocket: Arc<SessionSettings>,
@@ -80,13 +77,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_json_bytes: usize) {
         "/healthz",
         web::get().to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
     )
-    // Console sockets authenticate in-band with the panel's signed token, not the node token.
+    // Console sockets authenticate in-band with the panel's signed token.
     .route("/api/servers/{id}/ws", web::get().to(websocket::connect))
     // Signed URLs carry a single-use token from the panel in `?token=`.
     .configure(files::signed_routes)
     .service(
         web::scope("/api")
-            .wrap(from_fn(require_token))
+            .wrap(from_fn(require_panel))
             .route("/tokens/deny", web::post().to(deny_tokens))
             .route("/servers/{id}/deauthorize", web::post().to(deauthorize))
             .route("/servers/{id}/resources", web::get().to(resources))
@@ -131,31 +128,17 @@ pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions
     }
 }
 
-/// The panel's routes: over the mutual-TLS listener once enrolled (the token is then empty
-/// and refuses everything), or with the bearer token before.
-async fn require_token(
+/// The panel's routes: only over the mutual-TLS listener, whose handshake verified the
+/// panel's certificate. Anything else (the public listener) gets 401, whatever it carries.
+async fn require_panel(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if req.conn_data::<PanelPeer>().is_some() {
-        return next.call(req).await;
-    }
-    let expected = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.token.clone())
-        .unwrap_or_default();
-    let presented = req
-        .headers()
-        .get(actix_web::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let ok = !expected.is_empty() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()));
-    if !ok {
+    if req.conn_data::<PanelPeer>().is_none() {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "a valid node token is required",
+            "the panel's routes are served only over mutual TLS to the panel's certificate",
         )
         .into());
     }
