@@ -145,24 +145,19 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let data_dir = config.system.data_dir.clone();
         let manager = Manager::start(config).await?;
         let shutdown = tokio_util::sync::CancellationToken::new();
-        if let Some(identity) = &identity {
-            mamba_wings::reporter::spawn(identity.clone(), manager.clone(), &data_dir, shutdown.clone())?;
-            tracing::info!(panel = %identity.record.panel_url, "reporting heartbeats, samples and events to the panel");
-        }
+        mamba_wings::reporter::spawn(identity.clone(), manager.clone(), &data_dir, shutdown.clone())?;
+        tracing::info!(panel = %identity.record.panel_url, "reporting heartbeats, samples and events to the panel");
         let sftp_task = if sftp_config.enabled {
-            let auth: Arc<dyn AuthSource> = match (sftp_config.auth, &identity) {
-                (SftpAuthMode::Auto | SftpAuthMode::Panel, Some(identity)) => {
+            let auth: Arc<dyn AuthSource> = match sftp_config.auth {
+                SftpAuthMode::Auto | SftpAuthMode::Panel => {
                     tracing::info!("SFTP logins are checked by the panel");
                     Arc::new(PanelAuthSource::new(
-                        identity,
+                        &identity,
                         tokens.clone(),
                         Duration::from_secs(sftp_config.panel_cache_secs),
                     )?)
                 }
-                (SftpAuthMode::Panel, None) => {
-                    anyhow::bail!("sftp.auth = \"panel\" needs an enrolled node (`wings enroll`)")
-                }
-                (SftpAuthMode::Auto | SftpAuthMode::File, _) => {
+                SftpAuthMode::File => {
                     let credentials = (!sftp_config.credentials_file.is_empty())
                         .then(|| PathBuf::from(&sftp_config.credentials_file));
                     Arc::new(StaticCredentials::open(credentials)?)

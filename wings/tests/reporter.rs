@@ -20,7 +20,6 @@ use std::time::Duration;
 use common::{docker, free_port, testbox, wait_for, workspace_root};
 use serde_json::{Value, json};
 
-const TOKEN: &str = "reporter-test-token-0123456789abcdef";
 const MASTER_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
 
 fn panel_binary() -> PathBuf {
@@ -240,7 +239,7 @@ impl Node {
         std::fs::write(
             &path,
             format!(
-                "[api]\nlisten = \"127.0.0.1:{}\"\npublic_listen = \"127.0.0.1:{}\"\ntoken = \"{TOKEN}\"\n\n\
+                "[api]\nlisten = \"127.0.0.1:{}\"\npublic_listen = \"127.0.0.1:{}\"\n\n\
                  [system]\ndata_dir = \"{}\"\n\n[sftp]\nenabled = false\n\n[reporter]\n{reporter}\n",
                 self.api,
                 self.public,
@@ -283,18 +282,18 @@ impl Node {
         .await;
     }
 
-    /// Before enrollment: the bearer-token API on `api`.
+    /// Before the real enrollment: the server is created under a throwaway identity (the
+    /// harness' test CA), which is then wiped with everything its reporter queued, so the
+    /// panel hears of the node only once it is enrolled.
     async fn create_server(&mut self, id: &str) {
-        self.spawn("", format!("http://127.0.0.1:{}/healthz", self.api))
+        let pki = common::TestPki::new();
+        pki.enroll(&self.data_dir());
+        self.spawn("", format!("http://127.0.0.1:{}/healthz", self.public))
             .await;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
+        let http = pki.panel_client();
         let port = free_port();
         let r = http
-            .post(format!("http://127.0.0.1:{}/api/servers", self.api))
-            .bearer_auth(TOKEN)
+            .post(format!("https://127.0.0.1:{}/api/servers", self.api))
             .json(&json!({
                 "id": id,
                 "blueprint": testbox(),
@@ -306,24 +305,18 @@ impl Node {
             .await
             .unwrap();
         assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap_or_default());
-        let url = format!("http://127.0.0.1:{}/api/servers/{id}", self.api);
+        let url = format!("https://127.0.0.1:{}/api/servers/{id}", self.api);
         wait_for("the server to run", Duration::from_secs(120), || {
             let (http, url) = (http.clone(), url.clone());
             async move {
-                let v: Value = http
-                    .get(&url)
-                    .bearer_auth(TOKEN)
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v: Value = http.get(&url).send().await.ok()?.json().await.ok()?;
                 (v["state"] == "running").then_some(())
             }
         })
         .await;
         self.terminate();
+        std::fs::remove_dir_all(self.data_dir().join("pki")).unwrap();
+        let _ = std::fs::remove_dir_all(self.outbox());
     }
 
     fn enroll(&self, panel_url: &str, token: &str) {

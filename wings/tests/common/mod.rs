@@ -30,6 +30,8 @@ pub struct TestPki {
 
 impl TestPki {
     pub fn new() -> TestPki {
+        // reqwest's plain clients need the process-wide provider; ours name ring themselves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = CertificateAuthority::generate("mamba test CA", DAY).unwrap();
         let panel = ca.issue(&Identity::Panel, DAY).unwrap();
         TestPki {
