@@ -38,15 +38,13 @@ use crate::node_pki::PanelPki;
 use crate::request_meta::RequestMeta;
 use crate::wings_client::{WingsClient, WingsError};
 
-/// Server statuses the worker writes (the routes read them).
+/// Server statuses the worker writes (the routes read them; defined once in `servers`).
 pub mod status {
-    pub const INSTALLING: &str = "installing";
-    pub const INSTALL_FAILED: &str = "install_failed";
-    pub const OFFLINE: &str = "offline";
-    pub const STARTING: &str = "starting";
-    pub const RUNNING: &str = "running";
-    pub const STOPPING: &str = "stopping";
-    pub const DELETING: &str = "deleting";
+    pub use crate::servers::{
+        STATUS_DELETING as DELETING, STATUS_INSTALL_FAILED as INSTALL_FAILED,
+        STATUS_INSTALLING as INSTALLING, STATUS_OFFLINE as OFFLINE, STATUS_RUNNING as RUNNING,
+        STATUS_STARTING as STARTING, STATUS_STOPPING as STOPPING,
+    };
 }
 
 /// The steps a job records, so a resumed job knows where it was.

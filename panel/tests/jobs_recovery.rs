@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::node::{free_port, wings_binary};
 use diesel::prelude::*;
 use mamba_panel::audit::Actor;
 use mamba_panel::authz;
@@ -29,14 +30,6 @@ use mamba_panel::request_meta::RequestMeta;
 use serde_json::json;
 
 const MASTER_KEY: [u8; 32] = [7; 32];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -126,6 +119,8 @@ impl Drop for Proc {
 
 struct Scene {
     dir: tempfile::TempDir,
+    /// Keeps a PostgreSQL test database alive (dropped with the scene).
+    _db: common::TestDb,
     db_url: String,
     panel_config: PathBuf,
     panel_http: u16,
@@ -135,7 +130,8 @@ struct Scene {
 }
 
 impl Scene {
-    fn new() -> Scene {
+    /// `None` when the backend is not available outside CI (see `TestDb::new`).
+    fn new(kind: common::Kind) -> Option<Scene> {
         let dir = tempfile::Builder::new()
             .prefix("mamba-jobs-recovery")
             .tempdir()
@@ -143,7 +139,8 @@ impl Scene {
         let blueprints = dir.path().join("blueprints");
         std::fs::create_dir_all(&blueprints).unwrap();
         write_slow_blueprint(&blueprints);
-        let db_url = format!("sqlite://{}", dir.path().join("panel.db").display());
+        let test_db = common::TestDb::new(kind)?;
+        let db_url = test_db.url.clone();
         let (panel_http, node_listener) = (free_port(), free_port());
         let panel_config = dir.path().join("panel.toml");
         std::fs::write(
@@ -160,7 +157,8 @@ impl Scene {
         )
         .unwrap();
         let wings_data = dir.path().join("wings-data");
-        Scene {
+        Some(Scene {
+            _db: test_db,
             db_url,
             panel_config,
             panel_http,
@@ -168,7 +166,7 @@ impl Scene {
             wings_api: free_port(),
             wings_data,
             dir,
-        }
+        })
     }
 
     fn start_panel(&self, run: u32) -> Proc {
@@ -199,16 +197,6 @@ impl Scene {
         proc
     }
 
-    fn wings_binary() -> PathBuf {
-        let bin = Path::new(env!("CARGO_BIN_EXE_panel")).with_file_name("wings");
-        assert!(
-            bin.exists(),
-            "{} is missing: build it first with `cargo build -p mamba-wings`",
-            bin.display()
-        );
-        bin
-    }
-
     fn wings_config(&self) -> PathBuf {
         let path = self.dir.path().join("wings.toml");
         std::fs::write(
@@ -227,7 +215,7 @@ impl Scene {
 
     fn enroll_and_start_wings(&self, token: &str) -> Proc {
         let config = self.wings_config();
-        let out = Command::new(Self::wings_binary())
+        let out = Command::new(wings_binary())
             .arg("--config")
             .arg(&config)
             .args([
@@ -246,7 +234,7 @@ impl Scene {
         );
         let log = self.dir.path().join("wings.log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(Self::wings_binary())
+        let child = Command::new(wings_binary())
             .arg("--config")
             .arg(&config)
             .env("RUST_LOG", "info")
@@ -321,7 +309,16 @@ fn allocation_count(db: &Db) -> i64 {
 }
 
 #[test]
-fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates() {
+fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates_sqlite() {
+    a_panel_killed_during_an_install_resumes_the_job_without_duplicates(common::Kind::Sqlite);
+}
+
+#[test]
+fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates_postgres() {
+    a_panel_killed_during_an_install_resumes_the_job_without_duplicates(common::Kind::Postgres);
+}
+
+fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates(kind: common::Kind) {
     if Command::new("docker")
         .arg("info")
         .output()
@@ -335,7 +332,9 @@ fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates() {
         common::missing_tool("the mamba/testbox image (bash scripts/images.sh)");
         return;
     }
-    let scene = Scene::new();
+    let Some(scene) = Scene::new(kind) else {
+        return;
+    };
     let mut panel = scene.start_panel(1);
     let db = Db::connect(&scene.db_url, 2, Duration::from_secs(10)).unwrap();
     let meta = RequestMeta::system();
