@@ -40,6 +40,18 @@ pub enum Backend {
     Postgres,
 }
 
+/// libpq tries GSSAPI encryption first by default, which loads Kerberos; its thread-local
+/// teardown can abort the process at exit (`krb5int_getspecific` assertion), failing a
+/// clean `panel migrate`. The panel never authenticates with Kerberos, so it asks for no GSS
+/// encryption unless the URL says otherwise.
+fn without_gss_encryption(url: &str) -> String {
+    if url.contains("gssencmode=") {
+        return url.to_string();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}gssencmode=disable")
+}
+
 impl DatabaseUrl {
     pub fn parse(url: &str) -> Result<DatabaseUrl, DbError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
@@ -49,7 +61,7 @@ impl DatabaseUrl {
             return Ok(DatabaseUrl::Sqlite(PathBuf::from(path)));
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(DatabaseUrl::Postgres(url.to_string()));
+            return Ok(DatabaseUrl::Postgres(without_gss_encryption(url)));
         }
         Err(DbError::Config(
             "the database URL must start with sqlite:// or postgres://".into(),
@@ -245,4 +257,25 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::without_gss_encryption;
+
+    #[test]
+    fn postgres_urls_ask_for_no_gss_encryption_unless_they_say_so() {
+        assert_eq!(
+            without_gss_encryption("postgres://u@h/db"),
+            "postgres://u@h/db?gssencmode=disable"
+        );
+        assert_eq!(
+            without_gss_encryption("postgres://u@h/db?sslmode=require"),
+            "postgres://u@h/db?sslmode=require&gssencmode=disable"
+        );
+        assert_eq!(
+            without_gss_encryption("postgres://u@h/db?gssencmode=prefer"),
+            "postgres://u@h/db?gssencmode=prefer"
+        );
+    }
 }
