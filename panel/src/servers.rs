@@ -796,17 +796,22 @@ pub fn update(
                 }),
             },
         )?;
-        let job = jobs::enqueue(
-            conn,
-            Some(scope.tenant()),
-            Some(server),
-            JobKind::ServerUpdate,
-            &json!({}),
-        )?;
-        Ok(Queued {
-            server: row(conn, scope, server)?.into(),
-            job,
-        })
+        queue(conn, scope, server, JobKind::ServerUpdate)
+    })
+}
+
+/// Queues a payload-less job for the server, inside the caller's transaction, and answers
+/// the server as it now is with the job.
+fn queue(
+    conn: &mut DbConnection,
+    scope: &TenantScope,
+    server: &ServerId,
+    kind: JobKind,
+) -> Result<Queued, ApiError> {
+    let job = jobs::enqueue(conn, Some(scope.tenant()), Some(server), kind, &json!({}))?;
+    Ok(Queued {
+        server: row(conn, scope, server)?.into(),
+        job,
     })
 }
 
@@ -835,17 +840,7 @@ pub fn request_delete(
                 metadata: json!({ "name": current.name }),
             },
         )?;
-        let job = jobs::enqueue(
-            conn,
-            Some(scope.tenant()),
-            Some(server),
-            JobKind::ServerDelete,
-            &json!({}),
-        )?;
-        Ok(Queued {
-            server: row(conn, scope, server)?.into(),
-            job,
-        })
+        queue(conn, scope, server, JobKind::ServerDelete)
     })
 }
 
@@ -975,17 +970,7 @@ pub fn reinstall(
                 metadata: json!({}),
             },
         )?;
-        let job = jobs::enqueue(
-            conn,
-            Some(scope.tenant()),
-            Some(server),
-            JobKind::ServerReinstall,
-            &json!({}),
-        )?;
-        Ok(Queued {
-            server: row(conn, scope, server)?.into(),
-            job,
-        })
+        queue(conn, scope, server, JobKind::ServerReinstall)
     })
 }
 
