@@ -16,7 +16,9 @@ dir=$(mktemp -d)
 export PANEL_MASTER_KEY
 PANEL_MASTER_KEY=$(head -c 32 /dev/urandom | base64)
 export DATABASE_URL="sqlite://$dir/panel.db" PANEL_HTTP__LISTEN="127.0.0.1:$port"
-# The node listener is not in the OpenAPI document (nodes, not people, use it); it only needs a free port.
+# The node listener's routes (/api/node/v1/...) are documented (tag `node`) but served only on
+# that listener with a node's client certificate, so the runs below leave them out; the
+# listener only needs a free port.
 export PANEL_NODE_LISTENER__LISTEN="127.0.0.1:$((port + 1))"
 export PANEL_AUTH__ARGON2_MEMORY_KIB=8192 PANEL_AUTH__ARGON2_ITERATIONS=1
 
@@ -39,7 +41,7 @@ curl -sf "$base/api/v1/tenants" -H "authorization: Bearer $token" -H 'content-ty
 run() {
   st run "$base/api/v1/openapi.json" --url "$base" \
     --checks not_a_server_error,response_schema_conformance \
-    --max-examples 25 --generation-deterministic "$@"
+    --max-examples 25 --generation-deterministic --exclude-path-regex '^/api/node/' "$@"
 }
 run
 # Logged in. Logging out (and two-factor changes, which need codes) would end or block the

@@ -32,6 +32,26 @@ pub struct Config {
     pub quotas: QuotaConfig,
     pub heartbeats: HeartbeatsConfig,
     pub notifications: NotificationsConfig,
+    pub activity: ActivityConfig,
+}
+
+/// Servers' activity log as nodes report it (`activity`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ActivityConfig {
+    /// Days an entry is kept after the panel received it (1 to 3650).
+    pub retention_days: u32,
+    /// Seconds between prunes of older entries inside `panel serve` (60 to 86400).
+    pub prune_interval_secs: u64,
+}
+
+impl Default for ActivityConfig {
+    fn default() -> Self {
+        ActivityConfig {
+            retention_days: 90,
+            prune_interval_secs: 3600,
+        }
+    }
 }
 
 /// Node heartbeats (`telemetry`): when a silent node counts as offline.
@@ -492,6 +512,12 @@ impl Config {
         }
         if !(10..=3600).contains(&self.server_metrics.rollup_interval_secs) {
             return bad("server_metrics.rollup_interval_secs must be between 10 and 3600");
+        }
+        if !(1..=3650).contains(&self.activity.retention_days) {
+            return bad("activity.retention_days must be between 1 and 3650");
+        }
+        if !(60..=86_400).contains(&self.activity.prune_interval_secs) {
+            return bad("activity.prune_interval_secs must be between 60 and 86400");
         }
         if self.jobs.workers > 64 {
             return bad("jobs.workers must be at most 64");

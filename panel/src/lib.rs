@@ -13,6 +13,7 @@
 //! `metrics` and `http` (actix-web
 //! routes and the JSON error envelope in `error`).
 
+pub mod activity;
 pub mod allocation;
 pub mod api_keys;
 pub mod audit;

@@ -130,6 +130,7 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
     state.events.spawn_logger();
     mamba_panel::revocation::spawn(&state.events, state.db.clone(), state.pki.clone());
     mamba_panel::metrics_store::spawn_maintenance(state.db.clone(), &state.config.server_metrics);
+    mamba_panel::activity::spawn_pruning(state.db.clone(), &state.config.activity);
     let metrics = Metrics::new()?;
     metrics.register_events(state.events.metrics())?;
     let node_listen = state.config.node_listener.listen;

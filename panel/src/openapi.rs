@@ -112,6 +112,91 @@ pub struct Health {
     pub redis: Option<String>,
 }
 
+/// `POST /api/node/v1/heartbeat` (`mamba_shared::node_api::Heartbeat`).
+#[derive(ToSchema)]
+pub struct NodeHeartbeatDoc {
+    pub version: String,
+    pub uptime_s: u64,
+    /// `cpu_cores`, `load_1m_milli`, `memory_total_mb`, `memory_available_mb`,
+    /// `disk_total_mb`, `disk_free_mb`.
+    #[schema(value_type = Object)]
+    pub resources: serde_json::Value,
+    /// `{server_id, state}` of every server the node knows.
+    #[schema(value_type = Vec<Object>)]
+    pub servers: Vec<serde_json::Value>,
+}
+
+#[derive(ToSchema)]
+pub struct HeartbeatAckDoc {
+    pub node_id: String,
+    pub received_at_ms: i64,
+}
+
+/// `POST /api/node/v1/metrics` (`mamba_shared::metrics::MetricsBatch`).
+#[derive(ToSchema)]
+pub struct MetricsBatchDoc {
+    /// `{server_id, sampled_at_ms, cpu_millicores, memory_mb, egress_bytes, disk_bytes, uptime_s}`.
+    #[schema(value_type = Vec<Object>)]
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// `POST /api/node/v1/events` (`mamba_shared::node_api::EventsBatch`).
+#[derive(ToSchema)]
+pub struct EventsBatchDoc {
+    /// `{id, server_id, kind, at_ms, message, data}`.
+    #[schema(value_type = Vec<Object>)]
+    pub events: Vec<serde_json::Value>,
+}
+
+/// One entry of `POST /api/node/v1/activity` (`mamba_shared::activity::ActivityEntry`).
+#[derive(ToSchema)]
+pub struct ActivityEntryDoc {
+    /// A UUID chosen by the node; a re-sent entry is stored once.
+    pub id: String,
+    pub server_id: String,
+    pub event: String,
+    /// The panel's user id, or `panel`.
+    pub actor: String,
+    pub ip: Option<String>,
+    #[schema(value_type = Object)]
+    pub properties: serde_json::Value,
+    pub at_ms: i64,
+}
+
+#[derive(ToSchema)]
+pub struct ActivityBatchDoc {
+    pub entries: Vec<ActivityEntryDoc>,
+}
+
+/// The answer to a metrics, events or activity batch.
+#[derive(ToSchema)]
+pub struct NodeIngestReportDoc {
+    pub stored: u64,
+    /// Items the panel already had (a re-delivery).
+    pub duplicates: u64,
+    /// `{index, reason, ...}` of each item refused for good.
+    #[schema(value_type = Vec<Object>)]
+    pub refused: Vec<serde_json::Value>,
+}
+
+/// `POST /api/node/v1/sftp/auth` (`mamba_shared::node_sftp::SftpAuthRequest`).
+#[derive(ToSchema)]
+pub struct SftpAuthRequestDoc {
+    pub user: String,
+    pub server_short: String,
+    pub client_ip: String,
+    /// `{type: "password", password}` or `{type: "public_key", public_key}`.
+    #[schema(value_type = Object)]
+    pub credential: serde_json::Value,
+}
+
+#[derive(ToSchema)]
+pub struct SftpAuthGrantDoc {
+    pub user_id: String,
+    pub server_id: String,
+    pub permissions: Vec<String>,
+}
+
 struct Security;
 
 impl Modify for Security {
@@ -132,6 +217,16 @@ impl Modify for Security {
                 "__Host-mamba_session",
                 "A browser session; state-changing requests also need X-CSRF-Token",
             ))),
+        );
+        components.add_security_scheme(
+            "node_mtls",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "A node certificate from the panel's CA, on the node listener ([node_listener]) only"
+                        .into(),
+                ),
+                extensions: None,
+            },
         );
     }
 }
@@ -217,6 +312,12 @@ impl Modify for Security {
         crate::http::servers::unsuspend_server,
         crate::http::node_api::node_utilisation,
         crate::http::node_api::server_events,
+        crate::http::node_api::server_activity,
+        crate::http::node_api::heartbeat,
+        crate::http::node_api::metrics,
+        crate::http::node_api::events,
+        crate::http::node_api::activity,
+        crate::http::node_sftp::sftp_auth,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -238,7 +339,9 @@ impl Modify for Security {
         crate::telemetry::Utilisation, crate::telemetry::LiveUsage,
         crate::telemetry::ServerEvent, Page<crate::telemetry::ServerEvent>,
         crate::ssh_keys::SshKey, crate::http::ssh_keys::SshKeyList,
-        crate::http::ssh_keys::NewSshKey
+        crate::http::ssh_keys::NewSshKey, crate::activity::Activity, Page<crate::activity::Activity>,
+        NodeHeartbeatDoc, HeartbeatAckDoc, MetricsBatchDoc, EventsBatchDoc, ActivityEntryDoc, ActivityBatchDoc,
+        NodeIngestReportDoc, SftpAuthRequestDoc, SftpAuthGrantDoc
     )),
     modifiers(&Security),
 )]

@@ -2,7 +2,9 @@
 //! two real `wings` processes enrolled to it through the admin API's one-time tokens, and a
 //! freeciv server created with one API call, placed, installed and running on real Docker;
 //! its console reached by a real WebSocket client with the panel's token; its metrics
-//! reported by the node; stopped, deleted and everything released. On SQLite and PostgreSQL.
+//! reported by the node and rolled up into hourly rows; a file written over SFTP by the
+//! tenant's user in its activity log; stopped, deleted and everything released. On SQLite and
+//! PostgreSQL.
 //!
 //! Needs the `wings` binary next to this test (`cargo test --workspace` builds it) and the
 //! `mamba/freeciv` image (`scripts/images.sh`).
@@ -17,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::node::{free_port, wings_binary};
 use common::{Kind, TestDb};
+use diesel::prelude::*;
+use mamba_panel::db::schema::{metric_dirty_hours, metric_samples};
 use serde_json::{Value, json};
 
 const INSTALL: Duration = Duration::from_secs(300);
@@ -128,6 +132,7 @@ struct Node {
     wings: Proc,
     data_dir: PathBuf,
     public_port: u16,
+    sftp_port: u16,
 }
 
 /// Registers a node through the admin API, enrolls a fresh wings with its one-time token
@@ -211,6 +216,7 @@ async fn enroll_node(api: &Api, dir: &Path, name: &str, node_listener: &str, gam
         wings,
         data_dir,
         public_port,
+        sftp_port,
     }
 }
 
@@ -418,6 +424,96 @@ async fn a_server_through_the_panel_on_one_of_two_nodes(kind: Kind) {
             .then_some(())
     })
     .await;
+
+    // An hour passes for the samples so far: they are moved back an hour and their hours
+    // marked as ingest marks them; the panel's rollup job (every 10 s here) turns them into
+    // the hourly rows that the 24h range reads.
+    let moved = {
+        let id = id.clone();
+        t.db.run(move |conn| {
+            // (Not one transaction: the rollup job meanwhile only misses an hour until its next run.)
+            const HOUR: i64 = 3_600_000;
+            let current_hour = mamba_panel::db::now_ms() / HOUR * HOUR;
+            let ours = metric_samples::table
+                .filter(metric_samples::server_id.eq(&id))
+                .filter(metric_samples::sampled_at.lt(current_hour));
+            let moved = diesel::update(
+                metric_samples::table
+                    .filter(metric_samples::server_id.eq(&id))
+                    .filter(metric_samples::sampled_at.ge(current_hour)),
+            )
+            .set(metric_samples::sampled_at.eq(metric_samples::sampled_at - HOUR))
+            .execute(conn)?;
+            let hours: Vec<i64> = ours.select(metric_samples::sampled_at).load::<i64>(conn)?;
+            let hours: std::collections::BTreeSet<i64> =
+                hours.into_iter().map(|at| at / HOUR * HOUR).collect();
+            for hour in hours {
+                diesel::delete(
+                    metric_dirty_hours::table
+                        .filter(metric_dirty_hours::server_id.eq(&id))
+                        .filter(metric_dirty_hours::hour_start.eq(hour)),
+                )
+                .execute(conn)?;
+                diesel::insert_into(metric_dirty_hours::table)
+                    .values((
+                        metric_dirty_hours::server_id.eq(&id),
+                        metric_dirty_hours::hour_start.eq(hour),
+                    ))
+                    .execute(conn)?;
+            }
+            Ok::<_, mamba_panel::db::DbError>(moved as i64)
+        })
+        .await
+        .unwrap()
+    };
+    assert!(moved > 0);
+    let rolled = wait("the hourly rollup", T, || async {
+        let (_, m) = api.get(&format!("{server}/metrics?range=24h")).await;
+        let samples: i64 = m["points"]
+            .as_array()?
+            .iter()
+            .map(|p| p["samples"].as_i64().unwrap_or(0))
+            .sum();
+        (samples >= moved).then_some(m)
+    })
+    .await;
+    assert_eq!(rolled["resolution"], "hour", "{rolled}");
+    assert!(
+        rolled["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["memory_mb"].as_i64() > Some(0)),
+        "the hours of a running server show its memory: {rolled}"
+    );
+
+    // A file written over SFTP by the tenant's user reaches the server's activity log.
+    let login = format!("operator@example.test.{}", &id[..8]);
+    let out = Command::new("python3")
+        .arg(workspace().join("wings/tests/sftp_client.py"))
+        .arg(b.sftp_port.to_string())
+        .arg(&login)
+        .args(["--password", &password, "ops"])
+        .arg(json!([{"op": "put", "path": "/e2e-note.txt", "data": "written over sftp"}]).to_string())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && printed.contains("\"ok\": true"),
+        "{printed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let activity = wait("the SFTP write in the activity log", T, || async {
+        let (_, a) = api.get(&format!("{server}/activity?event=sftp.")).await;
+        a["items"]
+            .as_array()?
+            .iter()
+            .find(|i| i["event"] == "sftp.create")
+            .cloned()
+    })
+    .await;
+    assert_eq!(activity["properties"]["file"], "e2e-note.txt", "{activity}");
+    assert_eq!(activity["ip"], "127.0.0.1", "{activity}");
 
     // Stop, then delete: the container, the port and the record are gone.
     let (status, body) = api

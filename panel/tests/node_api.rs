@@ -18,11 +18,14 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use common::{TestDb, send};
 use diesel::prelude::*;
 use mamba_panel::audit::Actor;
-use mamba_panel::db::schema::{audit_log, metric_samples, nodes as nodes_table, server_events, servers};
+use mamba_panel::db::schema::{
+    audit_log, metric_samples, nodes as nodes_table, server_activity, server_events, servers,
+};
 use mamba_panel::http::{AppState, app};
 use mamba_panel::ids::{NodeId, ServerId, TenantId, UserId};
 use mamba_panel::nodes::{self, NewNode};
 use mamba_panel::request_meta::RequestMeta;
+use mamba_shared::activity::{ACTIVITY_PATH, ActivityBatch, ActivityEntry, ActivityReport};
 use mamba_shared::metrics::{IngestReport, MetricSample, MetricsBatch};
 use mamba_shared::node_api::{
     EVENTS_PATH, EventKind, EventRefusal, EventsBatch, EventsReport, HEARTBEAT_PATH, Heartbeat,
@@ -36,6 +39,7 @@ both_backends!(
     a_revoked_certificate_is_refused,
     a_silent_node_goes_offline_and_comes_back_by_itself,
     events_are_listed_to_their_tenant_and_reach_the_webhook_signed,
+    activity_is_stored_once_for_the_nodes_own_servers_and_listed_to_its_tenant,
 );
 
 const IP: &str = "198.51.100.70";
@@ -674,4 +678,173 @@ async fn events_are_listed_to_their_tenant_and_reach_the_webhook_signed(t: TestD
     )
     .await;
     assert_eq!(denied.status, StatusCode::NOT_FOUND, "{denied:?}");
+}
+
+fn activity(server: &ServerId, event: &str, n: usize) -> ActivityEntry {
+    ActivityEntry {
+        id: uuid::Uuid::now_v7().to_string(),
+        server_id: server.to_string(),
+        event: event.into(),
+        actor: "user-1".into(),
+        ip: Some("203.0.113.9".into()),
+        properties: json!({"file": format!("world/{n}.sav")}),
+        at_ms: mamba_panel::db::now_ms(),
+    }
+}
+
+/// Ingest over the node listener (dedupe on re-send, 403 for another node's server), then the
+/// tenant's list: pages, the event-prefix filter, a key without `activity.read`, another
+/// tenant, and the retention prune.
+async fn activity_is_stored_once_for_the_nodes_own_servers_and_listed_to_its_tenant(t: TestDb) {
+    let panel = Panel::start(&t, |_| {});
+    let (tenant, owner) = panel.tenant("acme");
+    let (_other_tenant, outsider) = panel.tenant("other");
+    let a = panel.node("alpha");
+    let b = panel.node("beta");
+    let on_a = panel.server(&tenant, &a);
+    let on_b = panel.server(&tenant, &b);
+    let (_identity, client) = panel.enroll(&a).await;
+    let count = |server: &ServerId| -> i64 {
+        let mut conn = panel.state.db.get_blocking().unwrap();
+        server_activity::table
+            .filter(server_activity::server_id.eq(server.as_str()))
+            .count()
+            .get_result(&mut conn)
+            .unwrap()
+    };
+
+    let batch = ActivityBatch {
+        entries: vec![
+            activity(&on_a, "sftp.login", 0),
+            activity(&on_a, "sftp.write", 1),
+            activity(&on_a, "file.delete", 2),
+        ],
+    };
+    let (status, body) = panel.post(&client, ACTIVITY_PATH, &batch).await;
+    assert_eq!(status, 200, "{body}");
+    let report: ActivityReport = serde_json::from_value(body).unwrap();
+    assert_eq!((report.stored, report.duplicates), (3, 0), "{report:?}");
+    assert!(report.refused.is_empty(), "{report:?}");
+    // The outbox re-sends a batch whose answer was lost: nothing is stored twice.
+    let (status, body) = panel.post(&client, ACTIVITY_PATH, &batch).await;
+    assert_eq!(status, 200, "{body}");
+    let report: ActivityReport = serde_json::from_value(body).unwrap();
+    assert_eq!((report.stored, report.duplicates), (0, 3), "{report:?}");
+    assert_eq!(count(&on_a), 3);
+
+    // One entry about node B's server refuses the whole batch.
+    let mixed = ActivityBatch {
+        entries: vec![
+            activity(&on_a, "sftp.rename", 3),
+            activity(&on_b, "sftp.delete", 4),
+        ],
+    };
+    let (status, body) = panel.post(&client, ACTIVITY_PATH, &mixed).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "not_your_server");
+    assert_eq!((count(&on_a), count(&on_b)), (3, 0));
+    // Malformed entries are refused one by one; the rest is stored.
+    let mut bad = activity(&on_a, "file.write", 5);
+    bad.id = "not-a-uuid".into();
+    let mut control = activity(&on_a, "file.write", 6);
+    control.actor = "a\nb".into();
+    let (status, body) = panel
+        .post(
+            &client,
+            ACTIVITY_PATH,
+            &ActivityBatch {
+                entries: vec![bad, control, activity(&on_a, "file.write", 7)],
+            },
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let report: ActivityReport = serde_json::from_value(body).unwrap();
+    assert_eq!(report.stored, 1, "{report:?}");
+    assert_eq!(
+        report.refused.iter().map(|r| r.index).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert_eq!(count(&on_a), 4);
+
+    // The tenant's list: newest first, a page at a time, filtered by prefix.
+    let svc = actix_web::test::init_service(app(panel.state.clone(), common::metrics())).await;
+    let login = |email: String| {
+        common::post(
+            "/api/v1/auth/login",
+            json!({"email": email, "password": PASSWORD, "client": "api"}),
+            IP,
+        )
+        .to_request()
+    };
+    let a1 = send(&svc, login(owner)).await;
+    let bearer = format!("Bearer {}", a1.body["tokens"]["access_token"].as_str().unwrap());
+    let get = |uri: String, auth: String| {
+        common::get(&uri, IP)
+            .insert_header(("authorization", auth))
+            .to_request()
+    };
+    let base = format!("/api/v1/tenants/{tenant}/servers/{on_a}/activity");
+    let first = send(&svc, get(format!("{base}?limit=3"), bearer.clone())).await;
+    assert_eq!(first.status, StatusCode::OK, "{first:?}");
+    let items = first.body["items"].as_array().unwrap();
+    let events: Vec<&str> = items.iter().map(|i| i["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["file.write", "file.delete", "sftp.write"]);
+    assert_eq!(items[0]["actor"], "user-1");
+    assert_eq!(items[0]["ip"], "203.0.113.9");
+    assert_eq!(items[0]["properties"]["file"], "world/7.sav");
+    let cursor = first.body["next_cursor"].as_str().unwrap();
+    let second = send(
+        &svc,
+        get(format!("{base}?limit=3&cursor={cursor}"), bearer.clone()),
+    )
+    .await;
+    assert_eq!(second.status, StatusCode::OK, "{second:?}");
+    let items = second.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["event"], "sftp.login");
+    assert!(second.body["next_cursor"].is_null());
+    let sftp = send(&svc, get(format!("{base}?event=sftp."), bearer.clone())).await;
+    assert_eq!(sftp.status, StatusCode::OK, "{sftp:?}");
+    let events: Vec<&str> = sftp.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["sftp.write", "sftp.login"]);
+    let wild = send(&svc, get(format!("{base}?event=%25"), bearer.clone())).await;
+    assert_eq!(wild.status, StatusCode::UNPROCESSABLE_ENTITY, "{wild:?}");
+
+    // A key of the same tenant without `activity.read` is refused.
+    let key = send(
+        &svc,
+        common::post(
+            &format!("/api/v1/tenants/{tenant}/api-keys"),
+            json!({"memo": "reader", "scopes": ["server.read"]}),
+            IP,
+        )
+        .insert_header(("authorization", bearer.clone()))
+        .to_request(),
+    )
+    .await;
+    assert_eq!(key.status, StatusCode::CREATED, "{key:?}");
+    let key = format!("Bearer {}", key.body["key"].as_str().unwrap());
+    let refused = send(&svc, get(base.clone(), key)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+    // Another tenant's member cannot even see the server.
+    let a2 = send(&svc, login(outsider)).await;
+    let other = format!("Bearer {}", a2.body["tokens"]["access_token"].as_str().unwrap());
+    let hidden = send(&svc, get(base.clone(), other)).await;
+    assert_eq!(hidden.status, StatusCode::NOT_FOUND, "{hidden:?}");
+
+    // Retention: entries received before the horizon go, newer ones stay.
+    let mut conn = panel.state.db.get_blocking().unwrap();
+    diesel::update(server_activity::table.filter(server_activity::event.eq("sftp.login")))
+        .set(server_activity::received_at.eq(1_000_i64))
+        .execute(&mut conn)
+        .unwrap();
+    let pruned = mamba_panel::activity::prune(&mut conn, mamba_panel::db::now_ms() - 3_600_000).unwrap();
+    assert_eq!(pruned, 1);
+    drop(conn);
+    assert_eq!(count(&on_a), 3);
 }

@@ -5,7 +5,8 @@
 //! password, an unknown user and an unknown key get one answer; a non-member, another
 //! node's server and a two-factor account's password are refused; password guessing hits
 //! the login limits (SECURITY-CHECKLIST 15); a deauthorized user's cached grant is dropped
-//! (SECURITY-CHECKLIST 12, for new logins).
+//! (SECURITY-CHECKLIST 12, for new logins). What a user does over SFTP and through the
+//! file manager reaches the server's activity log, through wings' reporter.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -34,6 +35,7 @@ both_backends!(
     password_guessing_is_rate_limited,
     ssh_keys_through_the_account_api,
     real_node_and_real_clients,
+    activity_from_sftp_and_the_file_manager_reaches_the_panel,
 );
 
 const IP: &str = "198.51.100.70";
@@ -867,6 +869,23 @@ impl Node {
         .await;
     }
 
+    /// paramiko in another process running `ops`: one JSON line per operation.
+    fn paramiko_ops(&self, login: &str, ops: serde_json::Value) -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("python3")
+            .arg(workspace_root().join("wings/tests/sftp_client.py"))
+            .arg(self.sftp_port.to_string())
+            .arg(login)
+            .args(["--password", PASSWORD, "ops"])
+            .arg(ops.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
     /// paramiko in another process (wings' SFTP test client): whether the login worked.
     fn paramiko_login(&self, login: &str, auth: &[&str]) -> bool {
         let out = std::process::Command::new("python3")
@@ -998,4 +1017,103 @@ async fn real_node_and_real_clients(t: TestDb) {
     let (ok, out) = node.openssh(&login, &key, "ls /\n");
     assert!(!ok, "{out}");
     assert!(!node.paramiko_login(&login, &["--password", PASSWORD]));
+}
+
+/// A user's SFTP session (login, one file written in many WRITEs, a folder, a rename, a
+/// remove) and a file manager write the panel makes for them reach the server's activity
+/// log through wings' reporter and outbox, with the user and their address; the many writes
+/// are one entry.
+async fn activity_from_sftp_and_the_file_manager_reaches_the_panel(t: TestDb) {
+    let Some(bin) = wings_binary() else {
+        common::missing_tool("the wings binary (cargo build -p mamba-wings)");
+        return;
+    };
+    if !tools_present() {
+        common::missing_tool("docker, OpenSSH sftp and paramiko (scripts/sftp-tools.sh)");
+        return;
+    }
+    let panel = Panel::start(&t);
+    let node = Node::start(&bin, &panel, &t, 60).await;
+    let owner = make_user(&t, &panel.state, "owner@example.test", false);
+    let tenant = make_tenant(&t, &owner, "acme");
+    let server = make_server(&t, &tenant, &node.id);
+    node.create_server(&server).await;
+
+    let login = format!("owner@example.test.{}", &server[..8]);
+    // 200 KB: paramiko sends it as several 32 KB WRITEs.
+    let results = node.paramiko_ops(
+        &login,
+        json!([
+            {"op": "put", "path": "/world.sav", "data": "0123456789", "repeat": 20_000},
+            {"op": "mkdir", "path": "/maps"},
+            {"op": "rename", "from": "/world.sav", "to": "/maps/world.sav"},
+            {"op": "put", "path": "/scratch.txt", "data": "x"},
+            {"op": "remove", "path": "/scratch.txt"},
+        ]),
+    );
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    // The file manager, as the panel calls it for a user.
+    let written = node
+        .api
+        .post(format!(
+            "{}/api/servers/{server}/files/write?file=config/server.cfg",
+            node.api_url
+        ))
+        .header(mamba_shared::activity::USER_HEADER, &owner)
+        .header(mamba_shared::activity::USER_IP_HEADER, "192.0.2.44")
+        .body("maxplayers=8\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status().as_u16(), 200);
+
+    let bearer = panel.bearer("owner@example.test").await;
+    let svc = actix_web::test::init_service(app(panel.state.clone(), common::metrics())).await;
+    let uri = format!("/api/v1/tenants/{tenant}/servers/{server}/activity?limit=50");
+    let mut items = Vec::new();
+    for _ in 0..600 {
+        let list = send(
+            &svc,
+            common::get(&uri, IP)
+                .insert_header(("authorization", bearer.clone()))
+                .to_request(),
+        )
+        .await;
+        assert_eq!(list.status, StatusCode::OK, "{list:?}");
+        items = list.body["items"].as_array().unwrap().clone();
+        if items.iter().any(|i| i["event"] == "file.write") && items.len() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let of =
+        |event: &str| -> Vec<&serde_json::Value> { items.iter().filter(|i| i["event"] == event).collect() };
+    assert_eq!(of("sftp.login").len(), 1, "{items:#?}");
+    let created = of("sftp.create");
+    assert_eq!(created.len(), 2, "{items:#?}");
+    let world = created
+        .iter()
+        .find(|i| i["properties"]["file"] == "world.sav")
+        .unwrap_or_else(|| panic!("{items:#?}"));
+    assert_eq!(world["properties"]["bytes_written"], 200_000);
+    assert!(world["properties"]["writes"].as_u64().unwrap() > 1, "{world}");
+    assert_eq!(of("sftp.create-directory")[0]["properties"]["directory"], "maps");
+    let renamed = of("sftp.rename");
+    assert_eq!(renamed[0]["properties"]["from"], "world.sav");
+    assert_eq!(renamed[0]["properties"]["to"], "maps/world.sav");
+    assert_eq!(of("sftp.delete")[0]["properties"]["file"], "scratch.txt");
+    for entry in items
+        .iter()
+        .filter(|i| i["event"].as_str().unwrap().starts_with("sftp."))
+    {
+        assert_eq!(entry["actor"], owner.as_str(), "{entry}");
+        assert_eq!(entry["ip"], "127.0.0.1", "{entry}");
+    }
+    let file_write = of("file.write");
+    assert_eq!(file_write.len(), 1, "{items:#?}");
+    assert_eq!(file_write[0]["actor"], owner.as_str());
+    assert_eq!(file_write[0]["ip"], "192.0.2.44");
+    assert_eq!(file_write[0]["properties"]["file"], "config/server.cfg");
+    assert_eq!(file_write[0]["properties"]["size"], 13);
+    assert_eq!(items.len(), 7, "{items:#?}");
 }

@@ -200,6 +200,7 @@ async fn the_openapi_document_matches_the_routes_and_the_docs_work_offline() {
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.len() >= 30, "{}", paths.len());
     let any_id = uuid::Uuid::now_v7().to_string();
+    let mut node_paths = Vec::new();
     for (path, ops) in paths {
         let concrete: String = path
             .split('/')
@@ -212,18 +213,46 @@ async fn the_openapi_document_matches_the_routes_and_the_docs_work_offline() {
             })
             .collect::<Vec<_>>()
             .join("/");
-        for method in ops.as_object().unwrap().keys() {
+        for (method, op) in ops.as_object().unwrap() {
             let m = actix_web::http::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let req = test::TestRequest::default().method(m).uri(&concrete).to_request();
             let res = test::call_service(&svc, req).await;
             let body = test::read_body(res).await;
             let text = String::from_utf8_lossy(&body);
-            assert!(
-                !text.contains("no route for"),
-                "{method} {path} is documented but not routed"
+            // The node listener's routes are documented for reference, tagged `node`, and
+            // served only on that listener, never on the public API.
+            let node_route = path.starts_with("/api/node/");
+            assert_eq!(
+                op["tags"][0] == "node",
+                node_route,
+                "{method} {path}: tags {}",
+                op["tags"]
             );
+            if node_route {
+                assert!(op["security"][0].get("node_mtls").is_some(), "{method} {path}");
+                node_paths.push(path.clone());
+                assert!(
+                    text.contains("no route for"),
+                    "{method} {path} is served on the public API"
+                );
+            } else {
+                assert!(
+                    !text.contains("no route for"),
+                    "{method} {path} is documented but not routed"
+                );
+            }
         }
     }
+    node_paths.sort();
+    let mut expected = vec![
+        mamba_shared::activity::ACTIVITY_PATH,
+        mamba_shared::node_api::EVENTS_PATH,
+        mamba_shared::node_api::HEARTBEAT_PATH,
+        mamba_shared::node_api::METRICS_PATH,
+        mamba_shared::node_sftp::SFTP_AUTH_PATH,
+    ];
+    expected.sort();
+    assert_eq!(node_paths, expected);
     let res = test::call_service(&svc, test::TestRequest::get().uri("/api/v1/docs").to_request()).await;
     assert_eq!(res.status(), StatusCode::OK);
     let csp = res

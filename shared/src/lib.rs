@@ -3,6 +3,7 @@
 //! Architecture invariant: this crate knows no database, no web framework and no Docker
 //! client. It is plain data plus validation, so both sides can depend on it freely.
 
+pub mod activity;
 pub mod blueprint;
 pub mod error;
 pub mod files_api;

@@ -1,5 +1,6 @@
 //! The Mamba node daemon. See ARCHITECTURE.md for the map.
 
+pub mod activity;
 pub mod api;
 pub mod backups;
 pub mod config;

@@ -432,6 +432,24 @@ diesel::allow_tables_to_appear_in_same_query!(nodes, node_heartbeats);
 diesel::allow_tables_to_appear_in_same_query!(servers, server_events);
 
 diesel::table! {
+    server_activity (id) {
+        id -> Text,
+        node_id -> Text,
+        entry_id -> Text,
+        server_id -> Text,
+        tenant_id -> Text,
+        event -> Text,
+        actor -> Text,
+        ip -> Nullable<Text>,
+        properties -> Text,
+        occurred_at -> BigInt,
+        received_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(servers, server_activity);
+
+diesel::table! {
     user_ssh_keys (id) {
         id -> Text,
         user_id -> Text,

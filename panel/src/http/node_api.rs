@@ -1,12 +1,16 @@
 //! What nodes report (ADR 0011), on the mutual-TLS node listener: heartbeats, metrics
-//! batches and server events, each from the node its certificate names ([`NodePeer`]). Also
-//! the operator's utilisation view and the tenant's list of a server's events on the public
-//! API.
+//! batches, server events and activity, each from the node its certificate names ([`NodePeer`]). Also
+//! the operator's utilisation view and the tenant's lists of a server's events and activity
+//! on the public API.
+//!
+//! The node routes are in the OpenAPI document under the `node` tag for reference; they are
+//! served only on the node listener and need a node certificate.
 //!
 //! Invariant: the node id is the certificate's, never a field of the request; a report on
 //! a server of another node is refused whole with 403 (SECURITY-CHECKLIST 26).
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use mamba_shared::activity::{ACTIVITY_PATH, ActivityBatch};
 use mamba_shared::metrics::MetricsBatch;
 use mamba_shared::node_api::{
     EVENTS_PATH, EventsBatch, HEARTBEAT_PATH, Heartbeat, HeartbeatAck, METRICS_PATH,
@@ -15,6 +19,7 @@ use mamba_shared::node_api::{
 use super::AppState;
 use super::extract::{Authenticated, SuperAdmin};
 use super::node_pki::NodePeer;
+use crate::activity as activity_log;
 use crate::error::ApiError;
 use crate::ids::{NodeId, ServerId};
 use crate::metrics_store::{self, Retention};
@@ -25,7 +30,8 @@ use crate::telemetry;
 pub(crate) fn configure_node(cfg: &mut web::ServiceConfig) {
     cfg.route(HEARTBEAT_PATH, web::post().to(heartbeat))
         .route(METRICS_PATH, web::post().to(metrics))
-        .route(EVENTS_PATH, web::post().to(events));
+        .route(EVENTS_PATH, web::post().to(events))
+        .route(ACTIVITY_PATH, web::post().to(activity));
 }
 
 /// Routes of the public API, under `/api/v1`. [`server_events`] is registered with the other
@@ -38,7 +44,15 @@ fn peer_node(peer: &NodePeer) -> Result<NodeId, ApiError> {
     NodeId::parse(&peer.node_id).ok_or_else(|| ApiError::unauthorized("this certificate names no node"))
 }
 
-async fn heartbeat(
+/// A node is alive: its version, uptime, resources and servers' states. Node listener only
+/// (mutual TLS with a node certificate).
+#[utoipa::path(post, path = "/api/node/v1/heartbeat", tag = "node",
+    request_body = crate::openapi::NodeHeartbeatDoc,
+    responses((status = 200, description = "Recorded", body = crate::openapi::HeartbeatAckDoc),
+        (status = 400, description = "Malformed heartbeat", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "No admitted node certificate", body = crate::openapi::ErrorResponse)),
+    security(("node_mtls" = [])))]
+pub(crate) async fn heartbeat(
     state: web::Data<AppState>,
     req: HttpRequest,
     peer: NodePeer,
@@ -60,7 +74,16 @@ async fn heartbeat(
     }))
 }
 
-async fn metrics(
+/// A batch of resource samples of the node's servers; idempotent by (server, time). Node
+/// listener only.
+#[utoipa::path(post, path = "/api/node/v1/metrics", tag = "node",
+    request_body = crate::openapi::MetricsBatchDoc,
+    responses((status = 200, description = "What was stored, what was a duplicate, what was refused", body = crate::openapi::NodeIngestReportDoc),
+        (status = 400, description = "Malformed batch", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "No admitted node certificate", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "A server in the batch is on another node; nothing stored", body = crate::openapi::ErrorResponse)),
+    security(("node_mtls" = [])))]
+pub(crate) async fn metrics(
     state: web::Data<AppState>,
     peer: NodePeer,
     body: web::Json<MetricsBatch>,
@@ -82,7 +105,16 @@ async fn metrics(
     Ok(HttpResponse::Ok().json(report))
 }
 
-async fn events(
+/// A batch of server events (crashes, restarts, installs, OOM kills, backups); idempotent by
+/// (node, event id). Node listener only.
+#[utoipa::path(post, path = "/api/node/v1/events", tag = "node",
+    request_body = crate::openapi::EventsBatchDoc,
+    responses((status = 200, description = "What was stored, what was a duplicate, what was refused", body = crate::openapi::NodeIngestReportDoc),
+        (status = 400, description = "Malformed batch", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "No admitted node certificate", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "A server in the batch is on another node; nothing stored", body = crate::openapi::ErrorResponse)),
+    security(("node_mtls" = [])))]
+pub(crate) async fn events(
     state: web::Data<AppState>,
     peer: NodePeer,
     body: web::Json<EventsBatch>,
@@ -97,6 +129,29 @@ async fn events(
     if notify && report.stored > 0 {
         state.telemetry_wake.notify_one();
     }
+    Ok(HttpResponse::Ok().json(report))
+}
+
+/// A batch of activity entries (file manager and SFTP actions, with their actor);
+/// idempotent by (node, entry id). Node listener only.
+#[utoipa::path(post, path = "/api/node/v1/activity", tag = "node",
+    request_body = crate::openapi::ActivityBatchDoc,
+    responses((status = 200, description = "What was stored, what was a duplicate, what was refused", body = crate::openapi::NodeIngestReportDoc),
+        (status = 400, description = "Malformed batch", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "No admitted node certificate", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "A server in the batch is on another node; nothing stored", body = crate::openapi::ErrorResponse)),
+    security(("node_mtls" = [])))]
+pub(crate) async fn activity(
+    state: web::Data<AppState>,
+    peer: NodePeer,
+    body: web::Json<ActivityBatch>,
+) -> Result<HttpResponse, ApiError> {
+    let node = peer_node(&peer)?;
+    let batch = body.into_inner();
+    let report = state
+        .db
+        .run(move |conn| activity_log::ingest(conn, &node, &batch.entries, crate::db::now_ms()))
+        .await?;
     Ok(HttpResponse::Ok().json(report))
 }
 
@@ -151,4 +206,52 @@ pub(crate) async fn server_events(
         .run(move |conn| telemetry::events_of_server(conn, &scope, &server, &page))
         .await?;
     Ok(HttpResponse::Ok().json(events))
+}
+
+/// `?limit=&cursor=&event=`: a page of activity, optionally only events starting with `event`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ActivityQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+    /// An event-name prefix, such as `sftp.` or `file.write`.
+    pub event: Option<String>,
+}
+
+/// Who did what to a server's files (file manager, signed-URL uploads, SFTP), as its node
+/// reported it, newest first. Actions through the panel (power, commands, reinstall,
+/// backups) are in the tenant's audit log instead. Needs `activity.read`.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant}/servers/{server}/activity", tag = "servers",
+    params(("tenant" = String, Path, description = "Tenant id"), ("server" = String, Path, description = "Server id"), ActivityQuery),
+    responses((status = 200, description = "A page of activity, newest first", body = crate::pagination::Page<crate::activity::Activity>),
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "Missing permission", body = crate::openapi::ErrorResponse),
+        (status = 404, description = "No such tenant or server", body = crate::openapi::ErrorResponse),
+        (status = 422, description = "Invalid field", body = crate::openapi::ErrorResponse)),
+    security(("bearer" = []), ("session" = [])))]
+pub(crate) async fn server_activity(
+    state: web::Data<AppState>,
+    auth: Authenticated,
+    path: web::Path<(String, String)>,
+    query: web::Query<ActivityQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let (tenant, server) = path.into_inner();
+    let query = query.into_inner();
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    }
+    .check()?;
+    if let Some(prefix) = &query.event {
+        activity_log::check_prefix(prefix)?;
+    }
+    let scope = super::tenants::scoped(&state, &auth, tenant).await?;
+    scope.require("activity.read")?;
+    let server = ServerId::parse(&server).ok_or_else(|| ApiError::not_found("server"))?;
+    let found = state
+        .db
+        .run(move |conn| activity_log::of_server(conn, &scope, &server, query.event.as_deref(), &page))
+        .await?;
+    Ok(HttpResponse::Ok().json(found))
 }

@@ -24,6 +24,16 @@ fn bad_credential() -> ApiError {
     ApiError::unauthorized("the login or credential is wrong").with_code("invalid_credentials")
 }
 
+/// Checks an SFTP login a node received (the password, or the public key the node verified
+/// possession of) and answers the grant. Node listener only (mutual TLS).
+#[utoipa::path(post, path = "/api/node/v1/sftp/auth", tag = "node",
+    request_body = crate::openapi::SftpAuthRequestDoc,
+    responses((status = 200, description = "The grant: user, server and file permissions", body = crate::openapi::SftpAuthGrantDoc),
+        (status = 400, description = "Malformed request", body = crate::openapi::ErrorResponse),
+        (status = 401, description = "Wrong login or credential, or no admitted node certificate", body = crate::openapi::ErrorResponse),
+        (status = 403, description = "No access to that server on this node", body = crate::openapi::ErrorResponse),
+        (status = 429, description = "Too many failed logins from the address or for the account", body = crate::openapi::ErrorResponse)),
+    security(("node_mtls" = [])))]
 pub(crate) async fn sftp_auth(
     state: web::Data<AppState>,
     node: NodePeer,

@@ -42,7 +42,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route("/{server}/reinstall", web::post().to(reinstall_server))
             .route("/{server}/console", web::get().to(console))
             .route("/{server}/metrics", web::get().to(server_metrics))
-            .route("/{server}/events", web::get().to(super::node_api::server_events)),
+            .route("/{server}/events", web::get().to(super::node_api::server_events))
+            .route(
+                "/{server}/activity",
+                web::get().to(super::node_api::server_activity),
+            ),
     )
     .route("/tenants/{tenant}/quota", web::get().to(tenant_quota))
     .route("/admin/tenants/{tenant}/quota", web::put().to(admin_set_quota))

@@ -3,7 +3,12 @@
 //!
 //! Every file operation goes through the server's `ServerFs` on actix's blocking pool;
 //! bodies are streamed in both directions, never held whole in memory.
+//!
+//! Every change is recorded in the activity log (`crate::activity`) once it succeeded, with
+//! the user the panel names in `x-mamba-user` (these routes answer only the panel's
+//! certificate, so the header is the panel's word) or, for a signed URL, the token's user.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
@@ -11,6 +16,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use mamba_shared::activity::{USER_HEADER, USER_IP_HEADER, events};
 use mamba_shared::blueprint::FieldError;
 use mamba_shared::files_api::{
     ChmodRequest, CompressRequest, CopyRequest, CreateDirectoryRequest, CreatedResponse, DecompressRequest,
@@ -23,6 +29,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::AppState;
 use super::error::ApiError;
+use crate::activity::{self, Actor, shown_path, shown_paths};
 use crate::files::stream::{commit_temp, joined, spawn_writer, temp_sibling};
 use crate::files::{EntryKind, FsError, FsResult, OpenOptions, ServerFs, archive, clean_path, pull};
 use crate::server::Server;
@@ -62,6 +69,20 @@ async fn blocking<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
         .await
         .map_err(|e| ApiError::internal(format!("blocking task failed: {e}")))?
         .map_err(Into::into)
+}
+
+/// Who a file manager request acts for (see the module's note).
+fn actor(req: &HttpRequest) -> Actor {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let ip = header(USER_IP_HEADER).and_then(|v| v.trim().parse::<IpAddr>().ok());
+    match header(USER_HEADER) {
+        Some(user) => Actor::user(user.trim(), ip),
+        None => Actor { ip, ..Actor::panel() },
+    }
+}
+
+fn log(state: &AppState, server: &Server, event: &str, actor: &Actor, properties: serde_json::Value) {
+    activity::record(state.manager.context(), &server.id, event, actor, properties);
 }
 
 fn files_of(state: &AppState, id: &str) -> Result<(Arc<Server>, ServerFs), ApiError> {
@@ -322,13 +343,21 @@ struct WriteQuery {
 }
 
 async fn write(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     query: web::Query<WriteQuery>,
     body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let created = receive(fs, query.into_inner().file, body).await?;
+    log(
+        &state,
+        &server,
+        events::FILE_WRITE,
+        &actor(&req),
+        serde_json::json!({ "file": shown_path(&created.file), "size": created.size }),
+    );
     Ok(HttpResponse::Ok().json(created))
 }
 
@@ -354,13 +383,21 @@ fn item_error(field: &str, index: usize, e: FsError) -> ApiError {
 }
 
 async fn rename(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<RenameRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
     check_count("files", body.files.len())?;
+    let properties = serde_json::json!({
+        "root": shown_path(&body.root),
+        "files": body.files.iter().take(activity::MAX_LISTED_PATHS)
+            .map(|p| serde_json::json!({ "from": shown_path(&p.from), "to": shown_path(&p.to) }))
+            .collect::<Vec<_>>(),
+        "count": body.files.len(),
+    });
     web::block(move || -> Result<(), ApiError> {
         for (i, pair) in body.files.iter().enumerate() {
             let done = under(&body.root, &pair.from)
@@ -372,6 +409,7 @@ async fn rename(
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
+    log(&state, &server, events::FILE_RENAME, &actor(&req), properties);
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -396,12 +434,14 @@ fn copy_name(file: &str, n: usize) -> String {
 }
 
 async fn copy(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<CopyRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
+    let from = shown_path(&body.file);
     let created = blocking(move || -> FsResult<CreatedResponse> {
         let from = clean_path(&body.file)?.to_string();
         let size = fs.stat(&from)?.size;
@@ -421,17 +461,30 @@ async fn copy(
         Err(FsError::Exists(copy_name(&from, 50)))
     })
     .await?;
+    log(
+        &state,
+        &server,
+        events::FILE_COPY,
+        &actor(&req),
+        serde_json::json!({ "from": from, "to": shown_path(&created.file) }),
+    );
     Ok(HttpResponse::Ok().json(created))
 }
 
 async fn delete(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<DeleteRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
     check_count("files", body.files.len())?;
+    let listed = serde_json::json!({
+        "root": shown_path(&body.root),
+        "files": shown_paths(body.files.iter().map(String::as_str)),
+        "count": body.files.len(),
+    });
     let response = web::block(move || -> Result<DeleteResponse, ApiError> {
         let mut freed_bytes = 0;
         for (i, f) in body.files.iter().enumerate() {
@@ -447,35 +500,55 @@ async fn delete(
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
+    let mut properties = listed;
+    properties["freed_bytes"] = response.freed_bytes.into();
+    log(&state, &server, events::FILE_DELETE, &actor(&req), properties);
     Ok(HttpResponse::Ok().json(response))
 }
 
 async fn create_directory(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<CreateDirectoryRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
-    blocking(move || -> FsResult<()> {
+    let path = blocking(move || -> FsResult<String> {
         let path = under(&body.root, &body.name)?;
         if let Some((parent, _)) = path.rsplit_once('/') {
             fs.create_dir_all(parent)?;
         }
-        fs.create_dir(&path)
+        fs.create_dir(&path)?;
+        Ok(path)
     })
     .await?;
+    log(
+        &state,
+        &server,
+        events::FILE_CREATE_DIRECTORY,
+        &actor(&req),
+        serde_json::json!({ "directory": shown_path(&path) }),
+    );
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn chmod(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<ChmodRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
     check_count("files", body.files.len())?;
+    let properties = serde_json::json!({
+        "root": shown_path(&body.root),
+        "files": body.files.iter().take(activity::MAX_LISTED_PATHS)
+            .map(|f| serde_json::json!({ "file": shown_path(&f.file), "mode": shown_path(&f.mode) }))
+            .collect::<Vec<_>>(),
+        "count": body.files.len(),
+    });
     let mut modes = Vec::with_capacity(body.files.len());
     for (i, f) in body.files.iter().enumerate() {
         match u32::from_str_radix(f.mode.trim_start_matches("0o"), 8) {
@@ -497,17 +570,24 @@ async fn chmod(
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
+    log(&state, &server, events::FILE_CHMOD, &actor(&req), properties);
     Ok(HttpResponse::NoContent().finish())
 }
 
 async fn compress(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<CompressRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
     check_count("files", body.files.len())?;
+    let mut properties = serde_json::json!({
+        "root": shown_path(&body.root),
+        "files": shown_paths(body.files.iter().map(String::as_str)),
+        "count": body.files.len(),
+    });
     let name = body.name.clone().unwrap_or_else(|| {
         format!(
             "archive-{}.{}",
@@ -517,23 +597,36 @@ async fn compress(
     });
     let (file, size) =
         blocking(move || archive::compress(&fs, &body.root, &body.files, body.format, &name)).await?;
+    properties["archive"] = shown_path(&file).into();
+    properties["size"] = size.into();
+    log(&state, &server, events::FILE_COMPRESS, &actor(&req), properties);
     Ok(HttpResponse::Ok().json(CreatedResponse { file, size }))
 }
 
 async fn decompress(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<DecompressRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let (_, fs) = files_of(&state, &id)?;
+    let (server, fs) = files_of(&state, &id)?;
     let config = &state.manager.context().config.files;
     let limits = archive::Limits {
         max_ratio: config.decompress_max_ratio,
         max_entries: config.decompress_max_entries,
     };
     let body = body.into_inner();
+    let archive_file = shown_path(&body.file);
+    let root = shown_path(&body.root);
     let (entries, bytes_written) =
         blocking(move || archive::decompress(&fs, &body.root, &body.file, limits)).await?;
+    log(
+        &state,
+        &server,
+        events::FILE_DECOMPRESS,
+        &actor(&req),
+        serde_json::json!({ "root": root, "file": archive_file, "entries": entries, "bytes_written": bytes_written }),
+    );
     Ok(HttpResponse::Ok().json(DecompressResponse {
         entries,
         bytes_written,
@@ -546,12 +639,18 @@ async fn list_pulls(state: web::Data<AppState>, id: web::Path<String>) -> Result
 }
 
 async fn start_pull(
+    req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
     body: web::Json<PullRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let (server, fs) = files_of(&state, &id)?;
     let body = body.into_inner();
+    // The host only: a URL's path and query may carry the user's credentials.
+    let source = reqwest::Url::parse(&body.url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default();
     let config = state.manager.context().config.files.clone();
     let client = state.pull_client.clone();
     let pulls = server.pulls.clone();
@@ -570,6 +669,13 @@ async fn start_pull(
     .await?;
     let (job, foreground) = job;
     let (id, file) = (job.id.clone(), job.target.clone());
+    log(
+        &state,
+        &server,
+        events::FILE_PULL,
+        &actor(&req),
+        serde_json::json!({ "host": shown_path(&source), "file": shown_path(&file) }),
+    );
     let task = state.runtime.spawn(job.run());
     if foreground {
         let (file, size) = task
@@ -717,6 +823,10 @@ async fn upload_file(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let uploader = Actor::user(
+        &claims.sub,
+        req.peer_addr().map(|a| crate::sftp::canonical_ip(a.ip())),
+    );
     let created = if content_type.starts_with("multipart/form-data") {
         let boundary = multer::parse_boundary(&content_type)
             .map_err(|e| ApiError::bad_request(format!("multipart: {e}")))?;
@@ -757,6 +867,13 @@ async fn upload_file(
     } else {
         receive(fs, file, payload).await?
     };
+    log(
+        &state,
+        &server,
+        events::FILE_UPLOAD,
+        &uploader,
+        serde_json::json!({ "file": shown_path(&created.file), "size": created.size }),
+    );
     Ok(HttpResponse::Ok().json(created))
 }
 

@@ -4,9 +4,10 @@
 //! - a heartbeat every `reporter.heartbeat_interval_secs` (version, uptime, host resources,
 //!   each server's state), sent directly: a lost heartbeat is superseded by the next;
 //! - a resource sample of every server every `reporter.sample_interval_secs`;
-//! - the runtime's server events (crashes, restarts, installs, OOM kills, backups).
+//! - the runtime's server events (crashes, restarts, installs, OOM kills, backups);
+//! - the activity log (`crate::activity`: file manager and SFTP actions, with their actor).
 //!
-//! Samples and events are written to the [`outbox::Outbox`] first and sent from there by one
+//! Samples, events and activity are written to the [`outbox::Outbox`] first and sent from there by one
 //! sender task, oldest first, each record deleted only once the panel answered it. While the
 //! panel is unreachable they stay on disk, within `reporter.outbox_max_bytes`.
 
@@ -18,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
+use mamba_shared::activity::{ACTIVITY_PATH, ActivityBatch, ActivityEntry, MAX_ACTIVITY_PER_BATCH};
 use mamba_shared::metrics::{MetricSample, MetricsBatch};
 use mamba_shared::node_api::{
     EVENTS_PATH, EventsBatch, HEARTBEAT_PATH, Heartbeat, HeartbeatServer, MAX_EVENTS_PER_BATCH, METRICS_PATH,
@@ -122,6 +124,7 @@ pub fn spawn(
         wake: Notify::new(),
     });
     let events = manager.context().reports.subscribe();
+    let activity = manager.context().activity.subscribe();
     let data_dir = data_dir.to_path_buf();
     tokio::spawn(until(
         shutdown.clone(),
@@ -129,6 +132,10 @@ pub fn spawn(
     ));
     tokio::spawn(until(shutdown.clone(), sampler(shared.clone(), manager)));
     tokio::spawn(until(shutdown.clone(), forward_events(shared.clone(), events)));
+    tokio::spawn(until(
+        shutdown.clone(),
+        forward_activity(shared.clone(), activity),
+    ));
     tokio::spawn(until(shutdown, sender(shared)));
     Ok(())
 }
@@ -317,22 +324,53 @@ async fn forward_events(shared: Arc<Shared>, mut rx: broadcast::Receiver<NodeEve
             Err(broadcast::error::RecvError::Closed) => return,
         };
         // Whatever else is already waiting goes in the same record.
-        let mut events = vec![first];
-        while events.len() < MAX_EVENTS_PER_BATCH {
-            match rx.try_recv() {
-                Ok(e) => events.push(e),
-                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                    tracing::warn!(
-                        lost = n,
-                        "server events came faster than the outbox took them; some are lost"
-                    );
-                }
-                Err(_) => break,
-            }
-        }
+        let events = drain(first, &mut rx, MAX_EVENTS_PER_BATCH, "server events");
         shared
             .enqueue(RecordBody::Events {
                 batch: EventsBatch { events },
+            })
+            .await;
+    }
+}
+
+// ---- activity ----
+
+/// Takes what is waiting on `rx` after `first`, up to `max` in all.
+fn drain<T: Clone>(first: T, rx: &mut broadcast::Receiver<T>, max: usize, what: &str) -> Vec<T> {
+    let mut items = vec![first];
+    while items.len() < max {
+        match rx.try_recv() {
+            Ok(item) => items.push(item),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                tracing::warn!(
+                    lost = n,
+                    "{what} came faster than the outbox took them; some are lost"
+                );
+            }
+            Err(_) => break,
+        }
+    }
+    items
+}
+
+async fn forward_activity(shared: Arc<Shared>, mut rx: broadcast::Receiver<ActivityEntry>) {
+    loop {
+        let first = match rx.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    lost = n,
+                    "activity came faster than the outbox took it; some is lost"
+                );
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        // Whatever else is already waiting goes in the same record: one fsync for a burst.
+        let entries = drain(first, &mut rx, MAX_ACTIVITY_PER_BATCH, "activity entries");
+        shared
+            .enqueue(RecordBody::Activity {
+                batch: ActivityBatch { entries },
             })
             .await;
     }
@@ -366,6 +404,7 @@ async fn deliver(shared: &Shared, record: &Record) -> Delivery {
     let request = match &record.body {
         RecordBody::Metrics { batch } => shared.client.post(shared.url(METRICS_PATH)).json(batch),
         RecordBody::Events { batch } => shared.client.post(shared.url(EVENTS_PATH)).json(batch),
+        RecordBody::Activity { batch } => shared.client.post(shared.url(ACTIVITY_PATH)).json(batch),
     };
     let sent = request
         .timeout(Duration::from_secs(shared.config.request_timeout_secs))

@@ -38,6 +38,9 @@ pub enum RecordBody {
     Events {
         batch: mamba_shared::node_api::EventsBatch,
     },
+    Activity {
+        batch: mamba_shared::activity::ActivityBatch,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,8 @@ impl Manager {
             config,
             docker,
             reports: tokio::sync::broadcast::channel(1024).0,
+            // Roomier than events: an SFTP client creating many files makes one entry each.
+            activity: tokio::sync::broadcast::channel(4096).0,
         });
         for dir in [ctx.servers_dir(), ctx.volumes_dir()] {
             std::fs::create_dir_all(&dir)?;

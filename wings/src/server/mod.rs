@@ -47,6 +47,8 @@ pub struct Context {
     /// Server events for the panel (crashes, restarts, installs). Sending never blocks: the
     /// reporter subscribes once enrolled, and without it events are not kept.
     pub reports: tokio::sync::broadcast::Sender<mamba_shared::node_api::NodeEvent>,
+    /// Activity on servers' files (`crate::activity`), for the panel, the same way.
+    pub activity: tokio::sync::broadcast::Sender<mamba_shared::activity::ActivityEntry>,
 }
 
 impl Context {
@@ -638,6 +640,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// What every server shares (configuration, Docker, the report channels).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
     }
 
     /// Tells the panel (through the reporter) that something happened to this server.

@@ -193,7 +193,7 @@ impl SftpServer {
 }
 
 /// IPv4 clients on a dual-stack socket count as their IPv4 address.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

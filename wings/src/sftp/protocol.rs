@@ -6,12 +6,19 @@
 //! they complete (replies carry request ids; clients match them). Every other request is a
 //! barrier: it waits for the reads and writes before it, runs alone, and only then are later
 //! requests started. So CLOSE, RENAME, STAT and the like see every write sent before them.
+//!
+//! Activity: removes, renames and new folders are one entry each; the many WRITEs to an open
+//! file are one `sftp.write` (or `sftp.create` for a new file) entry, recorded when the handle
+//! is let go of (CLOSE, or the session's end).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use mamba_shared::activity::events;
 use russh::Channel;
 use russh::server::Msg;
 use russh_sftp::extensions::{FsyncExtension, HardlinkExtension, LimitsExtension};
@@ -25,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::SftpContext;
 use super::auth::{FILE_CREATE, FILE_DELETE, FILE_READ, FILE_READ_CONTENT, FILE_UPDATE, Grant};
+use crate::activity::{self, Actor, shown_path};
 use crate::files::{EntryKind, FsError, FsFile, Metadata, OpenOptions, ServerFs};
 use crate::server::Server;
 
@@ -46,6 +54,7 @@ const READDIR_PAGE: usize = 256;
 pub(super) struct Sftp {
     grant: Arc<Grant>,
     fs: ServerFs,
+    activity: Arc<ActivityLog>,
     handles: Mutex<Handles>,
     cancel: CancellationToken,
 }
@@ -68,6 +77,46 @@ struct FileHandle {
     /// Writes to one file run one at a time: each counts the file's growth against the quota
     /// from its current size, which concurrent writes would count twice.
     write_lock: tokio::sync::Mutex<()>,
+    /// `sftp.create` for a file this open made, else `sftp.write`.
+    event: &'static str,
+    /// Bytes written through this handle; an entry is recorded on drop if any were.
+    written: AtomicU64,
+    writes: AtomicU64,
+    activity: Arc<ActivityLog>,
+}
+
+impl Drop for FileHandle {
+    fn drop(&mut self) {
+        let writes = *self.writes.get_mut();
+        if writes > 0 {
+            self.activity.record(
+                self.event,
+                serde_json::json!({
+                    "file": shown_path(self.file.path()),
+                    "bytes_written": *self.written.get_mut(),
+                    "writes": writes,
+                }),
+            );
+        }
+    }
+}
+
+/// Records this session's actions for its user and server.
+struct ActivityLog {
+    server: Arc<Server>,
+    actor: Actor,
+}
+
+impl ActivityLog {
+    fn record(&self, event: &str, properties: serde_json::Value) {
+        activity::record(
+            self.server.context(),
+            &self.server.id,
+            event,
+            &self.actor,
+            properties,
+        );
+    }
 }
 
 struct DirCursor {
@@ -110,12 +159,18 @@ pub(super) async fn serve(
     ctx: Arc<SftpContext>,
     grant: Arc<Grant>,
     server: Arc<Server>,
+    client_ip: IpAddr,
     channel: Channel<Msg>,
     cancel: CancellationToken,
 ) {
     let in_flight = ctx.config.requests_in_flight;
+    let activity = Arc::new(ActivityLog {
+        actor: Actor::user(&grant.user_id, Some(client_ip)),
+        server: server.clone(),
+    });
     let sftp = Arc::new(Sftp {
         grant,
+        activity,
         fs: server.files().clone(),
         handles: Mutex::new(Handles::default()),
         cancel: cancel.clone(),
@@ -417,8 +472,11 @@ impl Sftp {
             Packet::Write(w) => {
                 let handle = self.file_handle(&w.handle)?;
                 let _turn = handle.write_lock.lock().await;
-                let handle = handle.clone();
-                blocking(move || Ok(handle.file.write_all_at(&w.data, w.offset)?)).await?;
+                let writer = handle.clone();
+                let len = w.data.len() as u64;
+                blocking(move || Ok(writer.file.write_all_at(&w.data, w.offset)?)).await?;
+                handle.written.fetch_add(len, Ordering::Relaxed);
+                handle.writes.fetch_add(1, Ordering::Relaxed);
                 Ok(ok(w.id))
             }
             Packet::Lstat(l) => {
@@ -527,19 +585,30 @@ impl Sftp {
             Packet::Remove(r) => {
                 self.need(FILE_DELETE)?;
                 let path = server_path(&r.filename);
+                let shown = shown_path(&path);
                 blocking(move || Ok(fs.remove_file(&path)?)).await?;
+                self.activity
+                    .record(events::SFTP_DELETE, serde_json::json!({ "file": shown }));
                 Ok(ok(r.id))
             }
             Packet::MkDir(m) => {
                 self.need(FILE_CREATE)?;
                 let path = server_path(&m.path);
+                let shown = shown_path(&path);
                 blocking(move || Ok(fs.create_dir(&path)?)).await?;
+                self.activity.record(
+                    events::SFTP_CREATE_DIRECTORY,
+                    serde_json::json!({ "directory": shown }),
+                );
                 Ok(ok(m.id))
             }
             Packet::RmDir(r) => {
                 self.need(FILE_DELETE)?;
                 let path = server_path(&r.path);
+                let shown = shown_path(&path);
                 blocking(move || Ok(fs.remove_dir(&path)?)).await?;
+                self.activity
+                    .record(events::SFTP_DELETE, serde_json::json!({ "directory": shown }));
                 Ok(ok(r.id))
             }
             Packet::Rename(r) => {
@@ -582,6 +651,7 @@ impl Sftp {
         let reads = flags.contains(OpenFlags::READ);
         let writes =
             flags.intersects(OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::TRUNCATE | OpenFlags::CREATE);
+        let mut created = false;
         if reads || !writes {
             self.need(FILE_READ_CONTENT)?;
         }
@@ -595,6 +665,7 @@ impl Sftp {
                 Err(e) => Err(e.into()),
             })
             .await?;
+            created = !exists;
             if exists {
                 self.need(FILE_UPDATE)?;
             } else if flags.contains(OpenFlags::CREATE) {
@@ -621,6 +692,14 @@ impl Sftp {
             file,
             readable: options.read,
             write_lock: tokio::sync::Mutex::new(()),
+            event: if created {
+                events::SFTP_CREATE
+            } else {
+                events::SFTP_WRITE
+            },
+            written: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            activity: self.activity.clone(),
         })))?;
         Ok(Packet::Handle(Handle { id, handle }))
     }
@@ -628,8 +707,11 @@ impl Sftp {
     async fn rename(&self, from: &str, to: &str, replace: bool) -> Reply<()> {
         self.need(FILE_UPDATE)?;
         let (from, to) = (server_path(from), server_path(to));
+        let properties = serde_json::json!({ "from": shown_path(&from), "to": shown_path(&to) });
         let fs = self.fs.clone();
-        blocking(move || Ok(fs.rename(&from, &to, replace)?)).await
+        blocking(move || Ok(fs.rename(&from, &to, replace)?)).await?;
+        self.activity.record(events::SFTP_RENAME, properties);
+        Ok(())
     }
 
     async fn extended(&self, id: u32, request: &str, data: Vec<u8>) -> Reply<Packet> {

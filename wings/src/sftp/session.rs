@@ -88,6 +88,13 @@ pub(super) async fn run(
                         None => break "the server no longer exists",
                     }
                     tracing::info!(%peer, user = %g.user_id, server.id = %g.server, "SFTP login");
+                    crate::activity::record(
+                        ctx.manager.context(),
+                        &g.server,
+                        mamba_shared::activity::events::SFTP_LOGIN,
+                        &crate::activity::Actor::user(&g.user_id, Some(ip)),
+                        serde_json::json!({}),
+                    );
                 }
             }
             () = deleted.cancelled(), if grant.is_some() => break "the server was deleted",
@@ -270,7 +277,9 @@ impl russh::server::Handler for SshHandler {
                 session.channel_success(channel_id)?;
                 let ctx = self.ctx.clone();
                 let cancel = self.cancel.child_token();
-                tokio::spawn(super::protocol::serve(ctx, grant, server, channel, cancel));
+                tokio::spawn(super::protocol::serve(
+                    ctx, grant, server, self.ip, channel, cancel,
+                ));
             }
             _ => session.channel_failure(channel_id)?,
         }
