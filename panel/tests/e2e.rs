@@ -477,7 +477,7 @@ async fn a_server_through_the_panel_on_one_of_two_nodes(kind: Kind) {
         (samples >= moved).then_some(m)
     })
     .await;
-    assert_eq!(rolled["resolution"], "hour", "{rolled}");
+    assert_eq!(rolled["resolution"], "hourly", "{rolled}");
     assert!(
         rolled["points"]
             .as_array()
