@@ -2,7 +2,8 @@
 //! `wings enroll`: heartbeats bring the node online, samples and a crash event arrive over
 //! mutual TLS; with the panel killed, wings keeps samples in its on-disk outbox and delivers
 //! every one of them, once and in order, after the panel is back; a small outbox never grows
-//! past its bound (SECURITY-CHECKLIST 39).
+//! past its bound (SECURITY-CHECKLIST 39); what a user does over SFTP (paramiko) while the
+//! panel is down waits in the outbox and reaches the server's activity log once, in order.
 //!
 //! The panel binary is not a dependency of wings (wings never depends on the panel): the test
 //! runs the `panel` that `cargo test --workspace` builds into the same target folder, and
@@ -46,6 +47,8 @@ struct Panel {
     nodes: u16,
     http: reqwest::Client,
     bearer: String,
+    /// The operator's password (`op@example.test`), who owns the test's tenant.
+    password: String,
 }
 
 impl Panel {
@@ -66,6 +69,7 @@ impl Panel {
                 .build()
                 .unwrap(),
             bearer: String::new(),
+            password: String::new(),
         };
         let out = panel
             .command()
@@ -90,6 +94,7 @@ impl Panel {
             .unwrap();
         let body: Value = login.json().await.unwrap();
         panel.bearer = format!("Bearer {}", body["tokens"]["access_token"].as_str().unwrap());
+        panel.password = password;
         panel
     }
 
@@ -211,6 +216,8 @@ struct Node {
     dir: tempfile::TempDir,
     api: u16,
     public: u16,
+    /// SFTP's port, when it is served (logins checked by the panel).
+    sftp: Option<u16>,
 }
 
 impl Node {
@@ -223,6 +230,7 @@ impl Node {
                 .unwrap(),
             api: free_port(),
             public: free_port(),
+            sftp: None,
         }
     }
 
@@ -236,11 +244,18 @@ impl Node {
 
     fn write_config(&self, reporter: &str) -> PathBuf {
         let path = self.dir.path().join("wings.toml");
+        // A long grant cache, so a user logged in once gets in again while the panel is down.
+        let sftp = match self.sftp {
+            Some(port) => {
+                format!("listen = \"127.0.0.1:{port}\"\nauth = \"panel\"\npanel_cache_secs = 600")
+            }
+            None => "enabled = false".into(),
+        };
         std::fs::write(
             &path,
             format!(
                 "[api]\nlisten = \"127.0.0.1:{}\"\npublic_listen = \"127.0.0.1:{}\"\n\n\
-                 [system]\ndata_dir = \"{}\"\n\n[sftp]\nenabled = false\n\n[reporter]\n{reporter}\n",
+                 [system]\ndata_dir = \"{}\"\n\n[sftp]\n{sftp}\n\n[reporter]\n{reporter}\n",
                 self.api,
                 self.public,
                 self.data_dir().display()
@@ -413,6 +428,11 @@ fn outbox_bytes(dir: &Path) -> u64 {
 /// A panel with a node, a tenant and the server's row, and a wings enrolled as that node,
 /// its server running (created before enrollment, recovered by the enrolled wings).
 async fn setup(reporter: &str) -> (Panel, Node, String, String) {
+    setup_with(reporter, false).await
+}
+
+/// [`setup`], with SFTP served when `sftp` is set.
+async fn setup_with(reporter: &str, sftp: bool) -> (Panel, Node, String, String) {
     let panel = Panel::start().await;
     let (status, node) = panel
         .api(
@@ -450,6 +470,7 @@ async fn setup(reporter: &str) -> (Panel, Node, String, String) {
     assert_eq!(status, 201, "{token}");
 
     let mut wings = Node::new();
+    wings.sftp = sftp.then(free_port);
     wings.create_server(&server_id).await;
     wings.enroll(&panel.node_url(), token["token"].as_str().unwrap());
     wings.serve_enrolled(reporter).await;
@@ -580,4 +601,137 @@ async fn the_outbox_never_passes_its_bound() {
     let kept = outbox_samples(&outbox);
     assert!(!kept.is_empty());
     assert!(kept.windows(2).all(|w| w[0].1 < w[1].1), "{kept:?}");
+}
+
+/// paramiko in another process (`sftp_client.py`) logs in with the operator's password and
+/// runs `ops`; every one must succeed.
+fn sftp_ops(wings: &Node, login: &str, password: &str, ops: Value) {
+    let out = Command::new("python3")
+        .arg(workspace_root().join("wings/tests/sftp_client.py"))
+        .arg(wings.sftp.unwrap().to_string())
+        .arg(login)
+        .args(["--password", password, "ops"])
+        .arg(ops.to_string())
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !printed.is_empty() && printed.lines().all(|l| l.contains("\"ok\": true")),
+        "{printed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Activity lines in the outbox's segment files.
+fn outbox_activity(dir: &Path) -> usize {
+    let mut n = 0;
+    for file in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let text = std::fs::read_to_string(file.path()).unwrap_or_default();
+        n += text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["kind"] == "activity")
+            .map(|r| r["batch"]["entries"].as_array().map_or(0, Vec::len))
+            .sum::<usize>();
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sftp_activity_waits_out_a_panel_outage_and_arrives_once_in_order() {
+    let (mut panel, wings, _node_id, server_id) = setup_with(
+        "heartbeat_interval_secs = 1\nsample_interval_secs = 60\nretry_max_secs = 1\n",
+        true,
+    )
+    .await;
+    let login = format!("op@example.test.{}", &server_id[..8]);
+    let count = |panel: &Panel, event: &str| {
+        panel.sql(
+            "SELECT COUNT(*) FROM server_activity WHERE server_id = ? AND event = ?",
+            json!([server_id, event]),
+        )[0][0]
+            .as_i64()
+            .unwrap()
+    };
+
+    // With the panel up: the login is checked by the panel, and its activity arrives.
+    sftp_ops(
+        &wings,
+        &login,
+        &panel.password,
+        json!([{"op": "put", "path": "/before.txt", "data": "a"}]),
+    );
+    wait_for("the first session's activity", Duration::from_secs(60), || {
+        let n = count(&panel, "sftp.create");
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+
+    // The panel dies; the user gets in on wings' cached grant, and what they do waits on disk.
+    panel.kill9();
+    sftp_ops(
+        &wings,
+        &login,
+        &panel.password,
+        json!([
+            {"op": "put", "path": "/during.sav", "data": "0123456789", "repeat": 10_000},
+            {"op": "mkdir", "path": "/saves"},
+            {"op": "rename", "from": "/during.sav", "to": "/saves/during.sav"},
+        ]),
+    );
+    let outbox = wings.outbox();
+    wait_for(
+        "the activity to wait in the outbox",
+        Duration::from_secs(60),
+        || {
+            let n = outbox_activity(&outbox);
+            async move { (n >= 4).then_some(()) }
+        },
+    )
+    .await;
+
+    // Back: each entry arrives once, in the order it happened.
+    panel.spawn().await;
+    wait_for(
+        "the buffered activity to arrive",
+        Duration::from_secs(120),
+        || {
+            let n = count(&panel, "sftp.rename");
+            async move { (n >= 1).then_some(()) }
+        },
+    )
+    .await;
+    let rows = panel.sql(
+        "SELECT event, properties, actor FROM server_activity WHERE server_id = ? ORDER BY id",
+        json!([server_id]),
+    );
+    let events: Vec<&str> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "sftp.login",
+            "sftp.create",
+            "sftp.login",
+            "sftp.create",
+            "sftp.create-directory",
+            "sftp.rename"
+        ],
+        "{rows}"
+    );
+    let written: Value = serde_json::from_str(rows[3][1].as_str().unwrap()).unwrap();
+    assert_eq!(written["file"], "during.sav");
+    assert_eq!(written["bytes_written"], 100_000);
+    let owner = panel.sql(
+        "SELECT user_id FROM memberships WHERE tenant_id = (SELECT tenant_id FROM servers WHERE id = ?)",
+        json!([server_id]),
+    );
+    assert!(
+        rows.as_array().unwrap().iter().all(|r| r[2] == owner[0][0]),
+        "{rows} {owner}"
+    );
 }
