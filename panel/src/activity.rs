@@ -8,7 +8,7 @@
 //!
 //! Actions taken through the panel (power, commands, reinstall, backups) are not copied
 //! here: they are in the tenant's audit log (`audit`), written in the transaction of the
-//! change. This table holds what only the node sees.
+//! change. This table holds what only the node sees (ADR 0013).
 
 use std::collections::{BTreeMap, BTreeSet};
 
