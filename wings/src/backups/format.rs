@@ -7,6 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::path::{Component, Path};
+use std::sync::mpsc;
 
 use super::crypto::{BackupKey, OpenReader, SealWriter};
 
@@ -114,26 +115,114 @@ type Compressor<W> = zstd::stream::write::Encoder<'static, Sealing<Digesting<W>>
 /// a few hundred bytes, and each zstd call has a fixed cost.
 const BATCH: usize = 1 << 20;
 
+/// Full batches waiting for the compressing thread: the walk and file reads run this far
+/// ahead of compression, hashing and part building.
+const BATCHES_QUEUED: usize = 4;
+
+/// Where full batches go: into the compressor on this thread, or to a thread running it, so
+/// reading files overlaps with feeding zstd, sealing, hashing and building parts.
+enum Compress<W: Write> {
+    Here(Box<Compressor<W>>),
+    Thread {
+        full: Option<mpsc::SyncSender<(Vec<u8>, usize)>>,
+        empty: mpsc::Receiver<Vec<u8>>,
+        worker: Option<std::thread::JoinHandle<io::Result<Compressor<W>>>>,
+    },
+}
+
+impl<W: Write + Send + 'static> Compress<W> {
+    fn new(compressor: Compressor<W>, threaded: bool) -> io::Result<Compress<W>> {
+        if !threaded {
+            return Ok(Compress::Here(Box::new(compressor)));
+        }
+        let (full, batches) = mpsc::sync_channel::<(Vec<u8>, usize)>(BATCHES_QUEUED);
+        let (recycle, empty) = mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("backup-zstd".into())
+            .spawn(move || {
+                let mut compressor = compressor;
+                for (batch, len) in batches {
+                    compressor.write_all(&batch[..len])?;
+                    // The producer may have finished; then the buffer is simply freed.
+                    let _ = recycle.send(batch);
+                }
+                Ok(compressor)
+            })?;
+        Ok(Compress::Thread {
+            full: Some(full),
+            empty,
+            worker: Some(worker),
+        })
+    }
+
+    /// The compressing thread's own error, once it has stopped.
+    fn stopped(worker: &mut Option<std::thread::JoinHandle<io::Result<Compressor<W>>>>) -> io::Error {
+        match worker.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => io::Error::other("the compressing thread panicked"),
+            _ => io::Error::new(io::ErrorKind::BrokenPipe, "the compressing thread stopped"),
+        }
+    }
+
+    /// Compresses the first `len` bytes of `batch`; answers an empty buffer to fill next.
+    fn take(&mut self, batch: Vec<u8>, len: usize) -> io::Result<Vec<u8>> {
+        match self {
+            Compress::Here(compressor) => {
+                compressor.write_all(&batch[..len])?;
+                Ok(batch)
+            }
+            Compress::Thread { full, empty, worker } => {
+                let sent = full.as_ref().map(|full| full.send((batch, len)));
+                if !matches!(sent, Some(Ok(()))) {
+                    return Err(Self::stopped(worker));
+                }
+                Ok(empty.try_recv().unwrap_or_else(|_| vec![0u8; BATCH]))
+            }
+        }
+    }
+
+    fn finish(self) -> io::Result<Compressor<W>> {
+        match self {
+            Compress::Here(compressor) => Ok(*compressor),
+            Compress::Thread {
+                mut full, mut worker, ..
+            } => {
+                // Closing the channel ends the thread's loop once it has compressed the rest.
+                full.take();
+                match worker.take().map(std::thread::JoinHandle::join) {
+                    Some(Ok(result)) => result,
+                    Some(Err(_)) => Err(io::Error::other("the compressing thread panicked")),
+                    None => Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the compressing thread stopped",
+                    )),
+                }
+            }
+        }
+    }
+}
+
 /// Gathers writes into one large buffer for the compressor, and reads file content straight
 /// into it (one copy from the page cache, none through intermediate buffers).
 struct Batch<W: Write> {
-    inner: W,
-    buf: Box<[u8]>,
+    out: Compress<W>,
+    buf: Vec<u8>,
     filled: usize,
 }
 
-impl<W: Write> Batch<W> {
-    fn new(inner: W) -> Batch<W> {
+impl<W: Write + Send + 'static> Batch<W> {
+    fn new(out: Compress<W>) -> Batch<W> {
         Batch {
-            inner,
-            buf: vec![0u8; BATCH].into_boxed_slice(),
+            out,
+            buf: vec![0u8; BATCH],
             filled: 0,
         }
     }
 
     fn drain(&mut self) -> io::Result<()> {
         if self.filled > 0 {
-            self.inner.write_all(&self.buf[..self.filled])?;
+            let full = std::mem::take(&mut self.buf);
+            self.buf = self.out.take(full, self.filled)?;
             self.filled = 0;
         }
         Ok(())
@@ -170,40 +259,37 @@ impl<W: Write> Batch<W> {
         Ok(())
     }
 
-    fn into_inner(mut self) -> io::Result<W> {
+    fn into_inner(mut self) -> io::Result<Compressor<W>> {
         self.drain()?;
-        Ok(self.inner)
+        self.out.finish()
     }
 }
 
-impl<W: Write> Write for Batch<W> {
+impl<W: Write + Send + 'static> Write for Batch<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.filled + data.len() > self.buf.len() {
+        if self.filled == self.buf.len() {
             self.drain()?;
         }
-        if data.len() >= self.buf.len() {
-            return self.inner.write(data);
-        }
-        self.buf[self.filled..self.filled + data.len()].copy_from_slice(data);
-        self.filled += data.len();
-        Ok(data.len())
+        let n = data.len().min(self.buf.len() - self.filled);
+        self.buf[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.drain()?;
-        self.inner.flush()
+        self.drain()
     }
 }
 
 /// Builds an archive into `W`, one entry at a time.
-pub struct ArchiveWriter<W: Write> {
-    tar: tar::Builder<Batch<Compressor<W>>>,
+pub struct ArchiveWriter<W: Write + Send + 'static> {
+    tar: tar::Builder<Batch<W>>,
     pub files: u64,
     /// Bytes of file content added (before compression).
     pub content_bytes: u64,
 }
 
-impl<W: Write> ArchiveWriter<W> {
+impl<W: Write + Send + 'static> ArchiveWriter<W> {
     pub fn new(sink: W, options: &WriteOptions) -> io::Result<ArchiveWriter<W>> {
         let digesting = Digesting::new(sink);
         let sealing = match &options.key {
@@ -217,7 +303,7 @@ impl<W: Write> ArchiveWriter<W> {
         // zstd's own frame checksum catches corruption even in unencrypted archives that are
         // restored without their record.
         zstd.include_checksum(true)?;
-        let mut tar = tar::Builder::new(Batch::new(zstd));
+        let mut tar = tar::Builder::new(Batch::new(Compress::new(zstd, options.threads > 0)?));
         tar.mode(tar::HeaderMode::Complete);
         Ok(ArchiveWriter {
             tar,

@@ -2,15 +2,17 @@
 //! ([`crate::files::ServerFs`]): walking the root into an archive, and extracting an archive
 //! into the root.
 
-use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
 use super::crypto::BackupKey;
 use super::format::{ArchiveReader, ArchiveWriter, Digest, EntryKind, IgnoreList, WriteOptions};
-use crate::files::{EntryKind as FsKind, FsError, FsFile, OpenOptions, ServerFs};
+use crate::files::{EntryKind as FsKind, FsError, FsFile, ServerFs, TreeWriter};
 
 /// Buffer for reading a file into the archive and writing one out of it.
 const FILE_BUFFER: usize = 256 * 1024;
@@ -57,7 +59,7 @@ pub struct Written<W> {
 /// Archives the whole server root into `sink`, skipping what `ignore` matches. Symlinks are
 /// stored as links, never followed; sockets, fifos and devices are left out. Files that
 /// vanish while the walk runs are skipped.
-pub fn write_archive<W: Write>(
+pub fn write_archive<W: Write + Send + 'static>(
     fs: &ServerFs,
     ignore: &IgnoreList,
     options: &WriteOptions,
@@ -136,35 +138,6 @@ pub fn empty_root(fs: &ServerFs) -> io::Result<()> {
     }
 }
 
-/// Removes whatever is at `path` unless it is a folder, so a file or link can be created
-/// there without writing through an existing symlink. A folder where a file must go is
-/// removed too.
-fn clear_for_file(fs: &ServerFs, path: &str) -> io::Result<()> {
-    match fs.lstat(path) {
-        Ok(_) => match fs.remove(path) {
-            Ok(_) | Err(FsError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        },
-        Err(FsError::NotFound(_)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Creates a file that must not exist yet, writable by its owner while it is filled.
-fn create_file(fs: &ServerFs, path: &str, mode: u32) -> io::Result<FsFile> {
-    fs.open(
-        path,
-        &OpenOptions {
-            write: true,
-            create: true,
-            exclusive: true,
-            mode: (mode & 0o777) | 0o200,
-            ..OpenOptions::default()
-        },
-    )
-    .map_err(io::Error::from)
-}
-
 /// Mode and modification time of a written file, set through its handle.
 fn finish_file(file: &FsFile, mode: u32, mtime: i64) -> io::Result<()> {
     let want = mode & 0o777;
@@ -178,10 +151,257 @@ fn finish_file(file: &FsFile, mode: u32, mtime: i64) -> io::Result<()> {
     Ok(())
 }
 
+/// What the decoder hands to a writer: an entry, then (for a file) its content in pieces of
+/// at most [`PIECE`] bytes.
+enum Piece {
+    Entry {
+        path: String,
+        kind: EntryKind,
+        mode: u32,
+        mtime: i64,
+    },
+    Data(Vec<u8>),
+}
+
+/// File content is handed over in pieces of at most this size, and pieces are sent in
+/// batches of about this much (many small files in one hand-over, so the threads do not wake
+/// each other for every file). With the batches that may wait per writer, this bounds the
+/// memory a restore holds between the threads to a few MiB per writer.
+const PIECE: usize = 256 * 1024;
+const BATCHES_QUEUED: usize = 8;
+const BATCH_ENTRIES: usize = 256;
+
+/// Writer threads for a restore into an emptied root. Each fills the folders it is given
+/// (by a hash of the folder's path), so no two wait on the same folder's lock, and file
+/// creation, which bounds a restore, runs in several folders at once.
+const WRITERS: usize = 3;
+
+/// A writer's side of its channel: the pieces of the batch at hand, then the next batches.
+struct Pieces {
+    rx: mpsc::Receiver<Vec<Piece>>,
+    batch: std::vec::IntoIter<Piece>,
+}
+
+impl Pieces {
+    fn next(&mut self) -> Option<Piece> {
+        loop {
+            if let Some(piece) = self.batch.next() {
+                return Some(piece);
+            }
+            self.batch = self.rx.recv().ok()?.into_iter();
+        }
+    }
+}
+
+/// Reads one file's content out of the pieces that follow its entry.
+struct PieceReader<'a> {
+    pieces: &'a mut Pieces,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for PieceReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.current.len() {
+            match self.pieces.next() {
+                Some(Piece::Data(data)) => {
+                    self.current = data;
+                    self.at = 0;
+                }
+                // The decoder stopped (its error is reported) or sent the next entry early.
+                Some(Piece::Entry { .. }) | None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "archive entry ends early",
+                    ));
+                }
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The decoder's side of one writer's channel: pieces gathered into a batch until it is big
+/// enough to send.
+struct Lane {
+    tx: mpsc::SyncSender<Vec<Piece>>,
+    batch: Vec<Piece>,
+    bytes: usize,
+}
+
+impl Lane {
+    fn push(&mut self, piece: Piece) -> io::Result<()> {
+        if let Piece::Data(data) = &piece {
+            self.bytes += data.len();
+        }
+        self.batch.push(piece);
+        if self.bytes >= PIECE || self.batch.len() >= BATCH_ENTRIES {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.bytes = 0;
+        self.tx
+            .send(std::mem::take(&mut self.batch))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the restore stopped"))
+    }
+}
+
+/// Files and bytes written so far, by all writers.
+#[derive(Default)]
+struct Counts {
+    files: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// What one writer leaves to do or report once every writer is done.
+#[derive(Default)]
+struct WriterDone {
+    refused: Vec<String>,
+    dir_modes: Vec<(String, u32)>,
+}
+
+/// One writer: creates the entries sent to it, in the order they come, through the jail.
+fn write_entries(
+    mut tree: TreeWriter,
+    mut pieces: Pieces,
+    cancel: &CancellationToken,
+    counts: &Counts,
+) -> io::Result<WriterDone> {
+    let mut written = WriterDone::default();
+    let mut buffer = vec![0u8; FILE_BUFFER];
+    while let Some(piece) = pieces.next() {
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
+        let Piece::Entry {
+            path,
+            kind,
+            mode,
+            mtime,
+        } = piece
+        else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "content without an entry",
+            ));
+        };
+        match kind {
+            EntryKind::Dir => {
+                tree.create_dir(&path).map_err(io::Error::from)?;
+                written.dir_modes.push((path, mode & 0o777));
+            }
+            EntryKind::File { size } => {
+                let mut data = PieceReader {
+                    pieces: &mut pieces,
+                    current: Vec::new(),
+                    at: 0,
+                };
+                let file = tree
+                    .create_file(&path, mode, size, &mut data, &mut buffer)
+                    .map_err(io::Error::from)?;
+                finish_file(&file, mode, mtime)?;
+                counts.files.fetch_add(1, Ordering::Relaxed);
+                counts.bytes.fetch_add(size, Ordering::Relaxed);
+            }
+            EntryKind::Symlink { target } => match tree.symlink(&target, &path) {
+                Ok(()) => {}
+                Err(FsError::Escape(_) | FsError::BadPath(_)) => {
+                    refuse(
+                        &mut written.refused,
+                        &path,
+                        "symlink pointing outside the server root",
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            },
+            EntryKind::Refused(why) => refuse(&mut written.refused, &path, why),
+        }
+    }
+    Ok(written)
+}
+
+/// The writer for an entry: the one filling its folder (a folder's own entry goes to the
+/// writer that fills it, so it exists before its contents arrive there).
+fn lane(path: &str, kind: &EntryKind, lanes: usize) -> usize {
+    if lanes == 1 {
+        return 0;
+    }
+    let folder = match kind {
+        EntryKind::Dir => path,
+        _ => path.rsplit_once('/').map_or("", |(parent, _)| parent),
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    folder.hash(&mut hasher);
+    usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
+}
+
+/// The decoding half of a restore: opens, decompresses and parses the archive, sending each
+/// entry to its writer, then checks the whole stream against `expected`.
+fn decode(
+    source: impl Read,
+    key: Option<&BackupKey>,
+    expected: &Digest,
+    lanes: &mut [Lane],
+    cancel: &CancellationToken,
+    mut tick: impl FnMut(),
+) -> io::Result<()> {
+    let mut reader = ArchiveReader::new(source, key)?;
+    let count = lanes.len();
+    reader.for_each(|path, kind, mode, mtime, data| {
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
+        let size = match kind {
+            EntryKind::File { size } => size,
+            _ => 0,
+        };
+        let to = &mut lanes[lane(path, &kind, count)];
+        to.push(Piece::Entry {
+            path: path.to_string(),
+            kind,
+            mode,
+            mtime,
+        })?;
+        let mut left = size;
+        while left > 0 {
+            let want = usize::try_from(left).unwrap_or(PIECE).min(PIECE);
+            let mut piece = Vec::with_capacity(want);
+            let read = Read::take(&mut *data, want as u64).read_to_end(&mut piece)?;
+            if read == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "archive entry ends early",
+                ));
+            }
+            left -= read as u64;
+            to.push(Piece::Data(piece))?;
+        }
+        tick();
+        Ok(())
+    })?;
+    for lane in lanes.iter_mut() {
+        lane.send()?;
+    }
+    reader.finish(expected)
+}
+
 /// Extracts an archive into the server root through the jail. `fresh` says the root was
 /// just emptied, so nothing needs clearing first. Bytes written count against the quota;
 /// an entry that would escape the root, or is a hard link or device, is refused and listed.
 /// The stream's checksum is checked at the end (the verify pass already checked it once).
+///
+/// The archive is decoded on this thread while writer threads create the files. Into an
+/// emptied root, [`WRITERS`] threads fill different folders at once; otherwise one writer
+/// keeps the archive's order, which replacing what is in the way relies on.
 pub fn extract(
     fs: &ServerFs,
     source: impl Read,
@@ -191,92 +411,89 @@ pub fn extract(
     cancel: &CancellationToken,
     progress: &mut Progress<impl FnMut(u64, u64)>,
 ) -> io::Result<Extracted> {
-    let mut reader = ArchiveReader::new(source, key)?;
+    let writers = if fresh { WRITERS } else { 1 };
+    let trees = (0..writers)
+        .map(|_| fs.tree_writer(!fresh))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io::Error::from)?;
+    let counts = Counts::default();
+    let (decoded, written) = std::thread::scope(|scope| {
+        let mut lanes = Vec::new();
+        let mut handles = Vec::new();
+        for tree in trees {
+            let (tx, rx) = mpsc::sync_channel(BATCHES_QUEUED);
+            let counts = &counts;
+            let pieces = Pieces {
+                rx,
+                batch: Vec::new().into_iter(),
+            };
+            // A writer that fails drops its receiver, which stops the decoder at its next
+            // batch for it; the decoder's end closes every writer's channel.
+            handles.push(scope.spawn(move || write_entries(tree, pieces, cancel, counts)));
+            lanes.push(Lane {
+                tx,
+                batch: Vec::new(),
+                bytes: 0,
+            });
+        }
+        let decoded = decode(source, key, expected, &mut lanes, cancel, || {
+            progress.tick(
+                counts.files.load(Ordering::Relaxed),
+                counts.bytes.load(Ordering::Relaxed),
+            );
+        });
+        drop(lanes);
+        let written: Vec<io::Result<WriterDone>> = handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a restore writer panicked")))
+            })
+            .collect();
+        (decoded, written)
+    });
+    // A writer's own error says what went wrong, unless it only saw the decoder stop early.
     let mut done = Extracted::default();
-    let mut dirs: HashSet<String> = HashSet::new();
-    let mut dir_modes: Vec<(String, u32)> = Vec::new();
-    let mut buffer = vec![0u8; FILE_BUFFER];
-    reader.for_each(|path, kind, mode, mtime, data| {
-        if cancel.is_cancelled() {
-            return Err(cancelled());
-        }
-        let ensure_parent = |dirs: &mut HashSet<String>| -> io::Result<()> {
-            if let Some((parent, _)) = path.rsplit_once('/')
-                && !dirs.contains(parent)
-            {
-                fs.create_dir_all(parent).map_err(io::Error::from)?;
-                dirs.insert(parent.to_string());
-            }
-            Ok(())
-        };
-        match kind {
-            EntryKind::Dir => {
-                if !fresh && fs.lstat(path).is_ok_and(|m| m.kind != FsKind::Directory) {
-                    clear_for_file(fs, path)?;
-                }
-                fs.create_dir_all(path).map_err(io::Error::from)?;
-                dirs.insert(path.to_string());
-                dir_modes.push((path.to_string(), mode & 0o777));
-            }
-            EntryKind::File { size } => {
-                ensure_parent(&mut dirs)?;
-                if !fresh {
-                    clear_for_file(fs, path)?;
-                }
-                let file = create_file(fs, path, mode)?;
-                // Positional writes: no seek and no size query around each one.
-                let mut written = 0u64;
-                while written < size {
-                    let want =
-                        usize::try_from((size - written).min(FILE_BUFFER as u64)).unwrap_or(FILE_BUFFER);
-                    let n = data.read(&mut buffer[..want])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "archive entry ends early",
-                        ));
+    let mut dir_modes = Vec::new();
+    let mut writer_error = None;
+    for result in written {
+        match result {
+            Ok(w) => {
+                for why in w.refused {
+                    if done.refused.len() < 100 {
+                        done.refused.push(why);
                     }
-                    file.write_all_at(&buffer[..n], written)
-                        .map_err(io::Error::from)?;
-                    written += n as u64;
                 }
-                finish_file(&file, mode, mtime)?;
-                done.files += 1;
-                done.content_bytes += size;
+                dir_modes.extend(w.dir_modes);
             }
-            EntryKind::Symlink { target } => {
-                ensure_parent(&mut dirs)?;
-                if !fresh {
-                    clear_for_file(fs, path)?;
-                }
-                match fs.symlink(&target, path) {
-                    Ok(()) => {}
-                    Err(FsError::Escape(_) | FsError::BadPath(_)) => {
-                        refuse(&mut done, path, "symlink pointing outside the server root");
-                    }
-                    Err(e) => return Err(e.into()),
-                }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                writer_error.get_or_insert(e);
             }
-            EntryKind::Refused(why) => refuse(&mut done, path, why),
+            Err(e) => return Err(e),
         }
-        progress.tick(done.files, done.content_bytes);
-        Ok(())
-    })?;
-    reader.finish(expected)?;
-    // Folder modes last, so a read-only folder does not stop its own contents being written.
-    for (path, mode) in dir_modes.iter().rev() {
+    }
+    decoded?;
+    if let Some(e) = writer_error {
+        return Err(e);
+    }
+    // Folder modes last, deepest first, so a read-only folder does not stop its own contents
+    // being written.
+    dir_modes.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    for (path, mode) in &dir_modes {
         if *mode != 0o755 {
             let _ = fs.set_permissions(path, *mode);
         }
     }
+    done.files = counts.files.load(Ordering::Relaxed);
+    done.content_bytes = counts.bytes.load(Ordering::Relaxed);
     progress.done(done.files, done.content_bytes);
     Ok(done)
 }
 
-fn refuse(done: &mut Extracted, path: &str, why: &str) {
+fn refuse(refused: &mut Vec<String>, path: &str, why: &str) {
     tracing::warn!(path, "restore refused an entry: {why}");
-    if done.refused.len() < 100 {
-        done.refused.push(format!("{path}: {why}"));
+    if refused.len() < 100 {
+        refused.push(format!("{path}: {why}"));
     }
 }
 

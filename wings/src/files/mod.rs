@@ -16,6 +16,7 @@ pub mod archive;
 mod jail;
 pub mod pull;
 pub mod stream;
+mod tree_writer;
 mod walk;
 
 use std::ffi::CString;
@@ -30,6 +31,7 @@ use std::time::SystemTime;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+pub use self::tree_writer::TreeWriter;
 pub use self::walk::{WalkEntry, Walker};
 
 #[derive(Debug, thiserror::Error)]
@@ -1054,35 +1056,38 @@ impl ServerFs {
     pub fn symlink(&self, target: &str, link: &str) -> FsResult<()> {
         let link = clean_path(link)?;
         let (parent_rel, name) = split_parent(link)?;
-        if target.is_empty()
-            || target.starts_with('/')
-            || target.contains(['\0', '\\'])
-            || target.len() > 4096
-        {
-            return Err(FsError::BadPath(target.into()));
-        }
-        let mut depth: i64 = parent_rel
-            .split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
-            .count() as i64;
-        for component in target.split('/') {
-            match component {
-                "" | "." => {}
-                ".." => {
-                    depth -= 1;
-                    if depth < 0 {
-                        return Err(FsError::Escape(target.into()));
-                    }
-                }
-                _ => depth += 1,
-            }
-        }
+        check_link_target(target, parent_rel)?;
         let (parent, _) = self.parent_of(link)?;
         self.check_denied(link, Some((&parent, Some(name))), false)?;
         let err = |e| FsError::from_errno(link, e);
         rustix::fs::symlinkat(target, &parent, name).map_err(err)?;
         self.chown_at(&parent, name).map_err(err)
     }
+}
+
+/// Refuses a symlink target that is absolute or, read from the folder `parent_rel`, leaves
+/// the root.
+fn check_link_target(target: &str, parent_rel: &str) -> FsResult<()> {
+    if target.is_empty() || target.starts_with('/') || target.contains(['\0', '\\']) || target.len() > 4096 {
+        return Err(FsError::BadPath(target.into()));
+    }
+    let mut depth: i64 = parent_rel
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .count() as i64;
+    for component in target.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(FsError::Escape(target.into()));
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
 }
 
 /// A file opened through [`ServerFs::open`]. Writes count against the server's quota and are

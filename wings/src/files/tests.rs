@@ -532,3 +532,65 @@ fn the_walk_opens_files_from_its_folder_handle_and_never_through_a_swapped_link(
     }
     assert_eq!(read, ["content"]);
 }
+
+#[test]
+fn the_tree_writer_stays_inside_replaces_what_is_in_the_way_and_counts_the_quota() {
+    let (dir, fs) = root_with(1000, &[]);
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cfg")).unwrap();
+    std::fs::write(dir.path().join("cfg/old"), vec![1u8; 300]).unwrap();
+    std::os::unix::fs::symlink(outside.path(), dir.path().join("out")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("f"), dir.path().join("cfg/link")).unwrap();
+    fs.recount().unwrap();
+    let mut buf = [0u8; 7];
+
+    // Without `replace` an existing entry is never opened, a symlinked folder never entered.
+    let mut keep = fs.tree_writer(false).unwrap();
+    assert!(matches!(
+        keep.create_file("cfg/link", 0o644, 1, &mut &b"x"[..], &mut buf),
+        Err(FsError::Exists(_))
+    ));
+    assert!(matches!(
+        keep.create_file("out/f", 0o644, 1, &mut &b"x"[..], &mut buf),
+        Err(FsError::Symlink(_))
+    ));
+    assert!(matches!(keep.create_dir("out/sub"), Err(FsError::Symlink(_))));
+    assert!(escaped(keep.symlink("../../x", "cfg/up")));
+    assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+
+    // With it, the link in the way is removed (never written through), and so is a file
+    // where a folder must go (its bytes freed).
+    let mut writer = fs.tree_writer(true).unwrap();
+    let file = writer
+        .create_file("cfg/link", 0o600, 20, &mut &[2u8; 20][..], &mut buf)
+        .unwrap();
+    drop(file);
+    assert_eq!(std::fs::read(dir.path().join("cfg/link")).unwrap(), [2u8; 20]);
+    assert!(!outside.path().join("f").exists());
+    assert!(
+        writer.create_dir("cfg/old/deeper").is_err(),
+        "only the last component is replaced"
+    );
+    writer.create_dir("cfg/old").unwrap();
+    writer.create_dir("cfg/old/deeper").unwrap();
+    assert!(dir.path().join("cfg/old/deeper").is_dir());
+    assert_eq!(fs.used_bytes(), 20);
+    writer
+        .create_file("a/b/c", 0o644, 5, &mut &b"hello"[..], &mut buf)
+        .unwrap();
+    writer.symlink("../a/b/c", "cfg/c").unwrap();
+    assert_eq!(std::fs::read(dir.path().join("cfg/c")).unwrap(), b"hello");
+
+    // Past the quota nothing is written; content that ends early is an error.
+    assert!(matches!(
+        writer.create_file("big", 0o644, 2000, &mut &[0u8; 2000][..], &mut buf),
+        Err(FsError::QuotaExceeded { .. })
+    ));
+    assert!(!dir.path().join("big").exists());
+    assert!(
+        writer
+            .create_file("short", 0o644, 10, &mut &b"abc"[..], &mut buf)
+            .is_err()
+    );
+    assert_eq!(fs.used_bytes(), 28);
+}
