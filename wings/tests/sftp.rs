@@ -762,6 +762,47 @@ async fn openssh_sftp_in_batch_mode() {
     assert!(root(&wings, &id).join("keep.txt").exists());
 }
 
+/// The `Size Used Avail` KiB figures `sftp`'s `df` printed.
+fn df_figures(out: &str) -> Option<(u64, u64, u64)> {
+    let mut lines = out.lines().skip_while(|l| !l.contains("Size"));
+    lines.next()?;
+    let numbers: Vec<u64> = lines
+        .next()?
+        .split_whitespace()
+        .filter_map(|n| n.trim_end_matches('%').parse().ok())
+        .collect();
+    Some((*numbers.first()?, *numbers.get(1)?, *numbers.get(2)?))
+}
+
+#[tokio::test]
+async fn openssh_df_shows_the_quota_as_the_disk() {
+    let (wings, users, id, dir) = setup_with("", &["*"], &[], Some(2), &[]).await;
+    let alice = login_name("alice", &id);
+    let (ok, out) = openssh_sftp(&wings, &users, &alice, "df\n");
+    assert!(ok, "{out}");
+    let (size, used, free) = df_figures(&out).unwrap_or_else(|| panic!("no df figures in {out}"));
+    assert_eq!(size, 2048, "{out}");
+    assert_eq!(used + free, size, "{out}");
+    // A 1 MiB upload through SFTP counts against the quota at once.
+    let source = dir.path().join("one.bin");
+    std::fs::write(&source, vec![7u8; 1 << 20]).unwrap();
+    let (ok, out) = openssh_sftp(
+        &wings,
+        &users,
+        &alice,
+        &format!("put {} /one.bin\ndf\n", source.display()),
+    );
+    assert!(ok, "{out}");
+    let (size_after, used_after, free_after) =
+        df_figures(&out).unwrap_or_else(|| panic!("no df figures in {out}"));
+    assert_eq!(size_after, 2048, "{out}");
+    assert_eq!(used_after, used + 1024, "{out}");
+    assert_eq!(free_after, free - 1024, "{out}");
+    // A path that does not exist is an error, as with OpenSSH's own server.
+    let (ok, out) = openssh_sftp(&wings, &users, &alice, "df /missing\n");
+    assert!(!ok, "{out}");
+}
+
 /// Unmounts a FUSE mount when dropped, also when the test fails.
 struct Mount(PathBuf);
 

@@ -247,6 +247,17 @@ impl OpenOptions {
     }
 }
 
+/// Size and free space of a server's disk, in bytes, with the filesystem's inode counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub size: u64,
+    pub free: u64,
+    pub inodes: u64,
+    pub inodes_free: u64,
+    pub fs_id: u64,
+    pub name_max: u64,
+}
+
 /// The disk quota of one server: a limit and a running count of the bytes used.
 #[derive(Debug)]
 pub struct Quota {
@@ -476,6 +487,24 @@ impl ServerFs {
 
     pub fn over_quota(&self) -> bool {
         self.used_bytes() > self.limit_bytes()
+    }
+
+    /// The server's disk as `df` should show it: the quota as the size (the filesystem's
+    /// size when that is smaller), and what is left of the quota (or of the filesystem, when
+    /// it has less left).
+    pub fn disk_space(&self) -> FsResult<DiskSpace> {
+        let st = rustix::fs::fstatvfs(self.dir()).map_err(|e| FsError::from_errno(".", e))?;
+        let fs_size = st.f_blocks.saturating_mul(st.f_frsize);
+        let fs_free = st.f_bavail.saturating_mul(st.f_frsize);
+        let limit = self.limit_bytes();
+        Ok(DiskSpace {
+            size: limit.min(fs_size),
+            free: limit.saturating_sub(self.used_bytes()).min(fs_free),
+            inodes: st.f_files,
+            inodes_free: st.f_favail,
+            fs_id: st.f_fsid,
+            name_max: st.f_namemax,
+        })
     }
 
     /// Walks the whole tree and sets the counter to what is really there, counting hard

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use mamba_shared::activity::events;
 use russh::Channel;
 use russh::server::Msg;
-use russh_sftp::extensions::{FsyncExtension, HardlinkExtension, LimitsExtension};
+use russh_sftp::extensions::{FsyncExtension, HardlinkExtension, LimitsExtension, Statvfs, StatvfsExtension};
 use russh_sftp::protocol::{
     Attrs, Data, ExtendedReply, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode,
     Version,
@@ -420,6 +420,10 @@ impl Sftp {
                 ] {
                     version.extensions.insert(extension.into(), "1".into());
                 }
+                // Version 2 is the one OpenSSH and russh-sftp clients look for.
+                version
+                    .extensions
+                    .insert("statvfs@openssh.com".into(), "2".into());
                 Ok(Packet::Version(version))
             }
             Packet::RealPath(r) => {
@@ -738,6 +742,38 @@ impl Sftp {
                     max_open_handles: MAX_HANDLES as u64,
                 };
                 let data = russh_sftp::ser::to_bytes(&limits)
+                    .map_err(|e| Refusal::new(StatusCode::Failure, e.to_string()))?
+                    .to_vec();
+                Ok(Packet::ExtendedReply(ExtendedReply { id, data }))
+            }
+            "statvfs@openssh.com" => {
+                // The server's quota is its disk: `df` shows the quota and what is left of it.
+                self.need(FILE_READ)?;
+                let request: StatvfsExtension = russh_sftp::de::from_bytes(&mut data)
+                    .map_err(|e| Refusal::new(StatusCode::BadMessage, e.to_string()))?;
+                let path = server_path(&request.path);
+                let fs = self.fs.clone();
+                let space = blocking(move || {
+                    fs.stat(&path)?;
+                    Ok(fs.disk_space()?)
+                })
+                .await?;
+                const BLOCK: u64 = 4096;
+                let reply = Statvfs {
+                    block_size: BLOCK,
+                    fragment_size: BLOCK,
+                    blocks: space.size / BLOCK,
+                    blocks_free: space.free / BLOCK,
+                    blocks_avail: space.free / BLOCK,
+                    inodes: space.inodes,
+                    inodes_free: space.inodes_free,
+                    inodes_avail: space.inodes_free,
+                    fs_id: space.fs_id,
+                    // ST_NOSUID: the server's files never run setuid.
+                    flags: 2,
+                    name_max: space.name_max,
+                };
+                let data = russh_sftp::ser::to_bytes(&reply)
                     .map_err(|e| Refusal::new(StatusCode::Failure, e.to_string()))?
                     .to_vec();
                 Ok(Packet::ExtendedReply(ExtendedReply { id, data }))
