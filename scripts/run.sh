@@ -93,6 +93,14 @@ password=$(sed -n 's/^password: *//p' "$home/panel-admin.txt")
 token=$(curl -fsS "http://127.0.0.1:$panel_port/api/v1/auth/login" -H 'content-type: application/json' \
   -d "{\"email\":\"admin@mamba.localhost\",\"password\":\"$password\",\"client\":\"api\"}" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens"]["access_token"])')
+# Placement takes only nodes that have been heard from: wait for wings' first heartbeat.
+node=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["node"])' "$home/demo.json")
+for _ in $(seq 1 300); do
+  curl -fsS -H "authorization: Bearer $token" "http://127.0.0.1:$panel_port/api/v1/admin/nodes/$node" \
+    | grep -q '"connectivity":"online"' && break
+  kill -0 $wings_pid 2>/dev/null || { cat "$home/wings.log" >&2; echo "run.sh: wings exited" >&2; exit 1; }
+  sleep 0.1
+done
 servers="http://127.0.0.1:$panel_port/api/v1/tenants/$tenant/servers"
 if ! curl -fsS -H "authorization: Bearer $token" "$servers?name=demo-freeciv" | grep -q '"demo-freeciv"'; then
   curl -fsS -H "authorization: Bearer $token" -H 'content-type: application/json' "$servers" \

@@ -138,6 +138,21 @@ async fn main() {
             &meta,
         )
         .unwrap();
+        // Placement takes only nodes that have been heard from.
+        let heartbeat = mamba_shared::node_api::Heartbeat {
+            version: "bench".into(),
+            uptime_s: 1,
+            resources: Default::default(),
+            servers: Vec::new(),
+        };
+        mamba_panel::telemetry::record_heartbeat(
+            conn,
+            &node.id,
+            &heartbeat,
+            &meta,
+            mamba_panel::db::now_ms(),
+        )
+        .unwrap();
         node.id
     };
     let node = make_node(&mut conn, "bench-node");

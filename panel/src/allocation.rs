@@ -559,6 +559,8 @@ pub enum ReserveError {
     NoPorts(String),
     #[error("no node can take this server")]
     NoNodeFits,
+    #[error("no such server")]
+    NoServer,
     #[error(transparent)]
     Db(#[from] diesel::result::Error),
 }
@@ -567,6 +569,7 @@ impl From<ReserveError> for ApiError {
     fn from(e: ReserveError) -> ApiError {
         match e {
             ReserveError::NoNode => ApiError::not_found("node"),
+            ReserveError::NoServer => ApiError::not_found("server"),
             ReserveError::NodeUnavailable => ApiError::conflict("node_unavailable", e.to_string()),
             ReserveError::NoCapacity(_) => ApiError::conflict("insufficient_capacity", e.to_string()),
             ReserveError::NoPorts(_) => ApiError::conflict("no_free_ports", e.to_string()),
@@ -668,73 +671,7 @@ fn reserve_once(
     request: &Request,
     meta: &RequestMeta,
 ) -> Result<Placed, ReserveError> {
-    // First statement: the node's lock (see the module docs).
-    let locked = diesel::update(
-        nodes::table
-            .find(node.as_str())
-            .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
-            .filter(nodes::maintenance.eq(false))
-            // A node that stopped heartbeating cannot install anything; one never heard from
-            // yet is still placeable (it may be enrolling).
-            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE)),
-    )
-    .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
-    .execute(conn)?;
-    if locked == 0 {
-        return Err(match node_data::get(conn, node)? {
-            None => ReserveError::NoNode,
-            Some(_) => ReserveError::NodeUnavailable,
-        });
-    }
-    let found = node_data::get(conn, node)?.ok_or(ReserveError::NoNode)?;
-    let limits = found.limits();
-    let after = node_data::reserved(conn, node)?.plus(&request.resources);
-    if after.memory_mb > limits.memory_mb {
-        return Err(ReserveError::NoCapacity("memory"));
-    }
-    if after.cpu_percent > limits.cpu_percent {
-        return Err(ReserveError::NoCapacity("CPU"));
-    }
-    if after.disk_mb > limits.disk_mb {
-        return Err(ReserveError::NoCapacity("disk"));
-    }
-
-    let pools = node_pools(conn, node)?;
-    let mut chosen: Vec<(&Pool, IpAddr, u16, &Vec<Protocol>)> = Vec::new();
-    // First a few indexed lookups per port; only when they find nothing (a full range with
-    // holes, a crowded random pool) are all the node's allocations read.
-    let mut picked: HashSet<(IpAddr, u16)> = HashSet::new();
-    for needs in &request.ports {
-        let preferred_ip = chosen.first().map(|c| c.1);
-        match quick_pick(conn, node, &pools, needs, preferred_ip, &picked)? {
-            Some(pick) => {
-                picked.insert((pick.1, pick.2));
-                chosen.push((pick.0, pick.1, pick.2, needs));
-            }
-            None => {
-                chosen.clear();
-                break;
-            }
-        }
-    }
-    if chosen.len() != request.ports.len() {
-        let mut taken: HashSet<(IpAddr, u16)> = allocations::table
-            .filter(allocations::node_id.eq(node.as_str()))
-            .select((allocations::ip, allocations::port))
-            .load::<(String, i32)>(conn)?
-            .into_iter()
-            .filter_map(|(ip, port)| Some((ip.parse().ok()?, u16::try_from(port).ok()?)))
-            .collect();
-        for (i, needs) in request.ports.iter().enumerate() {
-            let preferred_ip = chosen.first().map(|c| c.1);
-            let pick = pick_port(&pools, &taken, needs, preferred_ip).ok_or_else(|| {
-                ReserveError::NoPorts(format!("port {} ({})", i + 1, protocols_text(needs)))
-            })?;
-            taken.insert((pick.1, pick.2));
-            chosen.push((pick.0, pick.1, pick.2, needs));
-        }
-    }
-
+    let chosen = lock_and_pick(conn, node, &request.resources, &request.ports)?;
     let server = ServerId::generate();
     let now = now_ms();
     diesel::insert_into(servers::table)
@@ -753,36 +690,7 @@ fn reserve_once(
             servers::updated_at.eq(now),
         ))
         .execute(conn)?;
-    let mut allocations = Vec::with_capacity(chosen.len());
-    for (i, (pool, ip, port, needs)) in chosen.iter().enumerate() {
-        let id = AllocationId::generate();
-        diesel::insert_into(allocations::table)
-            .values((
-                allocations::id.eq(id.as_str()),
-                allocations::node_id.eq(node.as_str()),
-                allocations::pool_id.eq(pool.id.as_str()),
-                allocations::ip.eq(ip.to_string()),
-                allocations::port.eq(i32::from(*port)),
-                allocations::protocols.eq(protocols_text(needs)),
-                allocations::server_id.eq(server.as_str()),
-                allocations::tenant_id.eq(scope.tenant().as_str()),
-                allocations::is_primary.eq(i == 0),
-                allocations::created_at.eq(now),
-            ))
-            .execute(conn)?;
-        allocations.push(Allocation {
-            id,
-            node_id: node.clone(),
-            pool_id: pool.id.clone(),
-            ip: ip.to_string(),
-            port: *port,
-            protocols: parse_protocols(&protocols_text(needs)),
-            server_id: server.clone(),
-            tenant_id: scope.tenant().to_string(),
-            is_primary: i == 0,
-            created_at: now,
-        });
-    }
+    let allocations = insert_allocations(conn, node, scope.tenant().as_str(), &server, chosen)?;
     audit::record(
         conn,
         scope.actor(),
@@ -803,6 +711,223 @@ fn reserve_once(
         node_id: node.clone(),
         allocations,
     })
+}
+
+/// One (ip, port) picked for a server, not yet written.
+struct Chosen {
+    pool: PoolId,
+    ip: IpAddr,
+    port: u16,
+    protocols: String,
+}
+
+/// Takes the node's lock (its first statement, see the module docs), checks that `resources`
+/// fit beside what the node's servers already hold, and picks a free port for every entry
+/// of `ports`. Writes nothing but the lock; call it in a transaction.
+fn lock_and_pick(
+    conn: &mut DbConnection,
+    node: &NodeId,
+    resources: &Resources,
+    ports: &[Vec<Protocol>],
+) -> Result<Vec<Chosen>, ReserveError> {
+    let locked = diesel::update(
+        nodes::table
+            .find(node.as_str())
+            .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
+            .filter(nodes::maintenance.eq(false))
+            // A node that stopped heartbeating cannot install anything; one never heard from
+            // yet is still placeable (it may be enrolling).
+            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE)),
+    )
+    .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
+    .execute(conn)?;
+    if locked == 0 {
+        return Err(match node_data::get(conn, node)? {
+            None => ReserveError::NoNode,
+            Some(_) => ReserveError::NodeUnavailable,
+        });
+    }
+    let found = node_data::get(conn, node)?.ok_or(ReserveError::NoNode)?;
+    let limits = found.limits();
+    let after = node_data::reserved(conn, node)?.plus(resources);
+    if after.memory_mb > limits.memory_mb {
+        return Err(ReserveError::NoCapacity("memory"));
+    }
+    if after.cpu_percent > limits.cpu_percent {
+        return Err(ReserveError::NoCapacity("CPU"));
+    }
+    if after.disk_mb > limits.disk_mb {
+        return Err(ReserveError::NoCapacity("disk"));
+    }
+
+    let pools = node_pools(conn, node)?;
+    let mut chosen: Vec<(&Pool, IpAddr, u16, &Vec<Protocol>)> = Vec::new();
+    // First a few indexed lookups per port; only when they find nothing (a full range with
+    // holes, a crowded random pool) are all the node's allocations read.
+    let mut picked: HashSet<(IpAddr, u16)> = HashSet::new();
+    for needs in ports {
+        let preferred_ip = chosen.first().map(|c| c.1);
+        match quick_pick(conn, node, &pools, needs, preferred_ip, &picked)? {
+            Some(pick) => {
+                picked.insert((pick.1, pick.2));
+                chosen.push((pick.0, pick.1, pick.2, needs));
+            }
+            None => {
+                chosen.clear();
+                break;
+            }
+        }
+    }
+    if chosen.len() != ports.len() {
+        let mut taken: HashSet<(IpAddr, u16)> = allocations::table
+            .filter(allocations::node_id.eq(node.as_str()))
+            .select((allocations::ip, allocations::port))
+            .load::<(String, i32)>(conn)?
+            .into_iter()
+            .filter_map(|(ip, port)| Some((ip.parse().ok()?, u16::try_from(port).ok()?)))
+            .collect();
+        for (i, needs) in ports.iter().enumerate() {
+            let preferred_ip = chosen.first().map(|c| c.1);
+            let pick = pick_port(&pools, &taken, needs, preferred_ip).ok_or_else(|| {
+                ReserveError::NoPorts(format!("port {} ({})", i + 1, protocols_text(needs)))
+            })?;
+            taken.insert((pick.1, pick.2));
+            chosen.push((pick.0, pick.1, pick.2, needs));
+        }
+    }
+    Ok(chosen
+        .into_iter()
+        .map(|(pool, ip, port, needs)| Chosen {
+            pool: pool.id.clone(),
+            ip,
+            port,
+            protocols: protocols_text(needs),
+        })
+        .collect())
+}
+
+/// Writes the picked ports as the server's allocations, the first one primary.
+fn insert_allocations(
+    conn: &mut DbConnection,
+    node: &NodeId,
+    tenant: &str,
+    server: &ServerId,
+    chosen: Vec<Chosen>,
+) -> QueryResult<Vec<Allocation>> {
+    let now = now_ms();
+    let mut allocations = Vec::with_capacity(chosen.len());
+    for (i, c) in chosen.into_iter().enumerate() {
+        let id = AllocationId::generate();
+        diesel::insert_into(allocations::table)
+            .values((
+                allocations::id.eq(id.as_str()),
+                allocations::node_id.eq(node.as_str()),
+                allocations::pool_id.eq(c.pool.as_str()),
+                allocations::ip.eq(c.ip.to_string()),
+                allocations::port.eq(i32::from(c.port)),
+                allocations::protocols.eq(&c.protocols),
+                allocations::server_id.eq(server.as_str()),
+                allocations::tenant_id.eq(tenant),
+                allocations::is_primary.eq(i == 0),
+                allocations::created_at.eq(now),
+            ))
+            .execute(conn)?;
+        allocations.push(Allocation {
+            id,
+            node_id: node.clone(),
+            pool_id: c.pool,
+            ip: c.ip.to_string(),
+            port: c.port,
+            protocols: parse_protocols(&c.protocols),
+            server_id: server.clone(),
+            tenant_id: tenant.to_string(),
+            is_primary: i == 0,
+            created_at: now,
+        });
+    }
+    Ok(allocations)
+}
+
+/// Reserves capacity and ports again for a server whose install gave up (`install_failed`,
+/// no allocations, its capacity no longer counted): on its own node if that still takes it,
+/// or else, as a create without a preferred node would, on another public node of the same
+/// location, most free memory first. Moves the server to the node found. Call it in a
+/// transaction (every node tried runs in its own savepoint); the caller changes the status.
+pub fn reserve_again(
+    conn: &mut DbConnection,
+    server: &ServerId,
+    ports: &[Vec<Protocol>],
+) -> Result<Placed, ReserveError> {
+    let row: Option<(String, String, i64, i64, i64)> = servers::table
+        .find(server.as_str())
+        .select((
+            servers::node_id,
+            servers::tenant_id,
+            servers::cpu_percent,
+            servers::memory_mb,
+            servers::disk_mb,
+        ))
+        .first(conn)
+        .optional()?;
+    let (home, tenant, cpu_percent, memory_mb, disk_mb) = row.ok_or(ReserveError::NoServer)?;
+    let resources = Resources {
+        cpu_percent,
+        memory_mb,
+        disk_mb,
+    };
+    let home = NodeId::from_db(home);
+    let location = node_data::get(conn, &home)?.map(|n| n.location);
+    let mut candidates = vec![home.clone()];
+    if let Some(location) = location {
+        let others: Vec<node_data::Node> = nodes::table
+            .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
+            .filter(nodes::is_public.eq(true))
+            .filter(nodes::maintenance.eq(false))
+            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE))
+            .filter(nodes::location.eq(location))
+            .filter(nodes::id.ne(home.as_str()))
+            .select(node_data::NodeRow::as_select())
+            .load(conn)?
+            .into_iter()
+            .map(node_data::Node::from)
+            .collect();
+        let mut ranked = Vec::new();
+        for node in others {
+            let free = node.limits().memory_mb - node_data::reserved(conn, &node.id)?.memory_mb;
+            if free >= resources.memory_mb {
+                ranked.push((free, node.id));
+            }
+        }
+        ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        candidates.extend(ranked.into_iter().map(|(_, id)| id));
+    }
+    let mut first_refusal = None;
+    for node in candidates {
+        let result = conn.transaction(|conn| {
+            let chosen = lock_and_pick(conn, &node, &resources, ports)?;
+            if node != home {
+                diesel::update(servers::table.find(server.as_str()))
+                    .set(servers::node_id.eq(node.as_str()))
+                    .execute(conn)?;
+            }
+            Ok::<_, ReserveError>(insert_allocations(conn, &node, &tenant, server, chosen)?)
+        });
+        match result {
+            Ok(allocations) => {
+                return Ok(Placed {
+                    server_id: server.clone(),
+                    node_id: node,
+                    allocations,
+                });
+            }
+            Err(ReserveError::Db(e)) => return Err(ReserveError::Db(e)),
+            // The home node's reason is the one worth telling.
+            Err(e) => {
+                first_refusal.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_refusal.unwrap_or(ReserveError::NoNodeFits))
 }
 
 /// How many addresses of a pool, and random probes, the indexed fast path tries.

@@ -121,6 +121,10 @@ pub struct JobsConfig {
     /// Seconds one attempt of an install or reinstall waits for the server to run before it
     /// counts as failed (and is retried).
     pub install_timeout_secs: u64,
+    /// Hours a succeeded job stays in the history before it is deleted.
+    pub succeeded_retention_hours: u64,
+    /// Days a dead or failed job stays (unless retried) before it is deleted.
+    pub dead_retention_days: u64,
 }
 
 impl Default for JobsConfig {
@@ -133,6 +137,8 @@ impl Default for JobsConfig {
             backoff_base_ms: 2000,
             backoff_cap_secs: 300,
             install_timeout_secs: 1800,
+            succeeded_retention_hours: 168,
+            dead_retention_days: 90,
         }
     }
 }
@@ -538,6 +544,12 @@ impl Config {
         }
         if !(10..=86_400).contains(&self.jobs.install_timeout_secs) {
             return bad("jobs.install_timeout_secs must be between 10 and 86400");
+        }
+        if !(1..=24 * 366).contains(&self.jobs.succeeded_retention_hours) {
+            return bad("jobs.succeeded_retention_hours must be between 1 and 8784");
+        }
+        if !(1..=3660).contains(&self.jobs.dead_retention_days) {
+            return bad("jobs.dead_retention_days must be between 1 and 3660");
         }
         if !(30..=3600).contains(&self.servers.console_token_secs) {
             return bad("servers.console_token_secs must be between 30 and 3600");

@@ -19,6 +19,9 @@
 //! - Failures: a retryable error requeues the job after an exponential backoff with jitter;
 //!   after `max_attempts` attempts it is `dead` (the dead-letter list). A permanent error
 //!   makes it `failed` at once. Operators can put either back in the queue ([`retry`]).
+//! - History: finished jobs are deleted once their retention ran out ([`prune`], every ten
+//!   minutes in `panel serve`); succeeded ones after `jobs.succeeded_retention_hours`, dead
+//!   and failed ones, which operators act on, after the longer `jobs.dead_retention_days`.
 //!
 //! The worker loop that runs jobs lives in [`worker`]; what each kind does lives in
 //! `provisioning`.
@@ -332,15 +335,25 @@ pub fn list(conn: &mut DbConnection, filter: &JobFilter, page: &PageRequest) -> 
     })
 }
 
-/// Puts a dead or failed job back in the queue with fresh attempts, with the audit entry
-/// `job.retry`. 404 for no job, 409 for a job that is not dead or failed.
+/// Puts a dead or failed job back in the queue with fresh attempts, from its first step
+/// (steps are idempotent, and giving up may have undone what the earlier steps did), with
+/// the audit entry `job.retry`. `prepare` runs first in the same transaction, to take back
+/// what giving up released (`servers::retry_job`); its error leaves the job as it was.
+/// 404 for no job, 409 for a job that is not dead or failed.
 pub fn retry(
     conn: &mut DbConnection,
     id: &JobId,
     actor: &Actor,
     meta: &RequestMeta,
+    prepare: impl FnOnce(&mut DbConnection, &Job) -> Result<(), ApiError>,
 ) -> Result<Job, ApiError> {
     conn.transaction(|conn| {
+        // A write first: on SQLite it takes the write lock before anything is read, so a
+        // reservation in `prepare` never meets a stale snapshot; on PostgreSQL it locks the
+        // job's row, so two retries of one job take turns.
+        diesel::update(jobs::table.find(id.as_str()))
+            .set(jobs::updated_at.eq(jobs::updated_at))
+            .execute(conn)?;
         let job = get(conn, id)?.ok_or_else(|| ApiError::not_found("job"))?;
         if !matches!(job.status, JobStatus::Dead | JobStatus::Failed) {
             return Err(ApiError::conflict(
@@ -351,6 +364,7 @@ pub fn retry(
                 ),
             ));
         }
+        prepare(conn, &job)?;
         let now = now_ms();
         let n = diesel::update(
             jobs::table
@@ -364,6 +378,8 @@ pub fn retry(
             jobs::lease_owner.eq(None::<String>),
             jobs::lease_expires_at.eq(None::<i64>),
             jobs::finished_at.eq(None::<i64>),
+            jobs::step.eq(None::<String>),
+            jobs::progress.eq("{}"),
             jobs::updated_at.eq(now),
         ))
         .execute(conn)?;
@@ -636,6 +652,70 @@ pub fn release(conn: &mut DbConnection, id: &JobId, owner: &str) -> QueryResult<
         ))
         .execute(conn)?;
     Ok(n == 1)
+}
+
+/// How long finished jobs stay as history (`jobs.succeeded_retention_hours` and
+/// `jobs.dead_retention_days`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub succeeded: Duration,
+    /// Dead and failed jobs: kept longer, since operators retry them from this list.
+    pub dead: Duration,
+}
+
+impl Retention {
+    pub fn from_config(config: &crate::config::JobsConfig) -> Retention {
+        Retention {
+            succeeded: Duration::from_secs(config.succeeded_retention_hours.saturating_mul(3600)),
+            dead: Duration::from_secs(config.dead_retention_days.saturating_mul(86_400)),
+        }
+    }
+}
+
+/// Deletes the jobs that finished before their retention ran out at `now`: succeeded ones
+/// after `retention.succeeded`, dead and failed ones after `retention.dead` (a retried job
+/// is queued again, with no finish time, so it is never pruned). Answers how many.
+pub fn prune(conn: &mut DbConnection, retention: Retention, now: i64) -> QueryResult<usize> {
+    let before = |keep: Duration| now.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let mut pruned = 0;
+    for (statuses, cutoff) in [
+        (vec![JobStatus::Succeeded.as_str()], before(retention.succeeded)),
+        (
+            vec![JobStatus::Dead.as_str(), JobStatus::Failed.as_str()],
+            before(retention.dead),
+        ),
+    ] {
+        // A job's run_after is never later than its finish, so the (status, run_after) index
+        // narrows the scan and finished_at decides.
+        pruned += diesel::delete(
+            jobs::table
+                .filter(jobs::status.eq_any(statuses))
+                .filter(jobs::run_after.lt(cutoff))
+                .filter(jobs::finished_at.lt(cutoff)),
+        )
+        .execute(conn)?;
+    }
+    Ok(pruned)
+}
+
+/// Runs [`prune`] at start and then every ten minutes, logging failures (the next run
+/// catches up).
+pub fn spawn_pruning(db: crate::db::Db, retention: Retention) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pruned = db
+                .run(move |conn| prune(conn, retention, now_ms()).map_err(crate::db::DbError::from))
+                .await;
+            match pruned {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(pruned = n, "finished jobs past their retention deleted"),
+                Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed; retrying next period"),
+            }
+        }
+    });
 }
 
 /// The wait before attempt `attempts + 1`: `base × 2^(attempts-1)`, capped at `cap`, then a

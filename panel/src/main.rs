@@ -131,6 +131,10 @@ async fn serve(config: Config, db: Db, master: MasterKey) -> anyhow::Result<()> 
     mamba_panel::revocation::spawn(&state.events, state.db.clone(), state.pki.clone());
     mamba_panel::metrics_store::spawn_maintenance(state.db.clone(), &state.config.server_metrics);
     mamba_panel::activity::spawn_pruning(state.db.clone(), &state.config.activity);
+    mamba_panel::jobs::spawn_pruning(
+        state.db.clone(),
+        mamba_panel::jobs::Retention::from_config(&state.config.jobs),
+    );
     let metrics = Metrics::new()?;
     metrics.register_events(state.events.metrics())?;
     let node_listen = state.config.node_listener.listen;
@@ -182,7 +186,14 @@ fn start_job_workers(
     if count > 0 {
         tracing::info!(count, "starting job workers");
     }
-    mamba_panel::jobs::worker::spawn(state.db.clone(), settings, handler, count, stop)
+    mamba_panel::jobs::worker::spawn(
+        state.db.clone(),
+        settings,
+        handler,
+        count,
+        stop,
+        state.jobs_wake.clone(),
+    )
 }
 
 /// `panel worker`: job workers and the node certificate upkeep, no HTTP; stops on SIGINT or

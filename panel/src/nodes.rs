@@ -488,13 +488,15 @@ pub fn get(conn: &mut DbConnection, id: &NodeId) -> QueryResult<Option<Node>> {
         .map(Node::from))
 }
 
-/// What a node's servers reserve together.
+/// What a node's servers reserve together. A server whose install gave up
+/// (`install_failed`) holds nothing until an operator retries it, which reserves again.
 pub fn reserved(conn: &mut DbConnection, id: &NodeId) -> QueryResult<Resources> {
     // SUM of a BIGINT is NUMERIC on PostgreSQL; the cast keeps one type on both backends.
     use diesel::dsl::sql;
     use diesel::sql_types::{BigInt, Nullable};
     let (cpu, memory, disk): (Option<i64>, Option<i64>, Option<i64>) = servers::table
         .filter(servers::node_id.eq(id.as_str()))
+        .filter(servers::status.ne(crate::servers::STATUS_INSTALL_FAILED))
         .select((
             sql::<Nullable<BigInt>>("CAST(SUM(cpu_percent) AS BIGINT)"),
             sql::<Nullable<BigInt>>("CAST(SUM(memory_mb) AS BIGINT)"),

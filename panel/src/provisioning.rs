@@ -61,8 +61,33 @@ pub struct Provisioner {
     pub blueprints: Arc<crate::blueprints::Registry>,
     /// How long an install (or reinstall) may take until the server runs, per attempt.
     pub install_timeout: Duration,
-    /// How often wings is asked while waiting.
+    /// The longest wait between two questions to wings while waiting for a state; the first
+    /// ones come sooner ([`Pacer`]).
     pub poll_interval: Duration,
+}
+
+/// The waits between reads of a node's view of a server: short at first and growing by half
+/// each time up to the poll interval, so a server that settles within a second is seen
+/// within tens of milliseconds, while a long install costs about one read per interval.
+struct Pacer {
+    next: Duration,
+    max: Duration,
+}
+
+impl Pacer {
+    const FIRST: Duration = Duration::from_millis(50);
+
+    fn new(max: Duration) -> Pacer {
+        Pacer {
+            next: Pacer::FIRST.min(max),
+            max,
+        }
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 3 / 2).min(self.max);
+    }
 }
 
 /// The server's row, as the worker needs it.
@@ -221,6 +246,7 @@ impl Provisioner {
     async fn wait_running(&self, client: &WingsClient, id: &ServerId) -> Result<(), JobError> {
         let deadline = Instant::now() + self.install_timeout;
         let mut last = "";
+        let mut pacer = Pacer::new(self.poll_interval);
         loop {
             let view = client.server(id).await.map_err(wings_error)?;
             if view.install.status == InstallStatus::Failed {
@@ -246,7 +272,7 @@ impl Provisioner {
                     view.state
                 )));
             }
-            tokio::time::sleep(self.poll_interval).await;
+            pacer.wait().await;
         }
     }
 
@@ -260,7 +286,7 @@ impl Provisioner {
         }
         if row.status == status::INSTALL_FAILED {
             return Err(JobError::Permanent(
-                "the install gave up earlier and freed the server's ports; delete the server and create it again"
+                "the install gave up earlier and freed the server's ports; retry it as an operator (which reserves them again) or delete the server"
                     .into(),
             ));
         }
@@ -337,6 +363,7 @@ impl Provisioner {
             PowerAction::Stop | PowerAction::Kill => ServerState::Offline,
         };
         let deadline = Instant::now() + self.install_timeout;
+        let mut pacer = Pacer::new(self.poll_interval);
         loop {
             let view = client.server(id).await.map_err(wings_error)?;
             self.set_status(id, status_of(&view)).await?;
@@ -352,7 +379,7 @@ impl Provisioner {
                     self.install_timeout.as_secs()
                 )));
             }
-            tokio::time::sleep(self.poll_interval).await;
+            pacer.wait().await;
         }
     }
 
@@ -394,22 +421,7 @@ impl Provisioner {
         }
         let id = id.clone();
         self.db
-            .run(move |conn| {
-                conn.transaction(|conn| {
-                    let freed = crate::allocation::release_ports(conn, &id)?;
-                    diesel::update(
-                        servers::table
-                            .find(id.as_str())
-                            .filter(servers::status.ne(status::DELETING)),
-                    )
-                    .set((
-                        servers::status.eq(status::INSTALL_FAILED),
-                        servers::updated_at.eq(now_ms()),
-                    ))
-                    .execute(conn)?;
-                    Ok::<_, ApiError>(freed)
-                })
-            })
+            .run(move |conn| crate::servers::install_gave_up(conn, &id))
             .await
             .map_err(api_error)?;
         Ok(())

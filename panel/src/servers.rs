@@ -957,6 +957,13 @@ pub fn reinstall(
         if current.is_suspended() {
             return Err(ApiError::conflict("server_suspended", "the server is suspended"));
         }
+        if current.status == STATUS_INSTALL_FAILED {
+            // It holds no ports to install on; retrying its install job reserves them again.
+            return Err(ApiError::conflict(
+                "install_failed",
+                "the server's install gave up and released its ports; an operator can retry the install job, or delete the server",
+            ));
+        }
         set_status(conn, server, STATUS_INSTALLING)?;
         audit::record(
             conn,
@@ -971,6 +978,73 @@ pub fn reinstall(
             },
         )?;
         queue(conn, scope, server, JobKind::ServerReinstall)
+    })
+}
+
+/// The database side of an install that will not be tried again (the worker has removed
+/// the server from its node first): frees its ports and marks it `install_failed`, which
+/// stops its capacity counting against the node (`nodes::reserved`), in one transaction
+/// under the node's lock. A server being deleted stays `deleting`. Idempotent.
+pub fn install_gave_up(conn: &mut DbConnection, server: &ServerId) -> Result<usize, ApiError> {
+    conn.transaction(|conn| {
+        let freed = allocation::release_ports(conn, server)?;
+        diesel::update(
+            servers::table
+                .find(server.as_str())
+                .filter(servers::status.ne(STATUS_DELETING)),
+        )
+        .set((
+            servers::status.eq(STATUS_INSTALL_FAILED),
+            servers::updated_at.eq(now_ms()),
+        ))
+        .execute(conn)?;
+        Ok(freed)
+    })
+}
+
+/// An operator's retry of a dead or failed job (`POST /api/v1/admin/jobs/{id}/retry`), with
+/// the audit entry `job.retry`. An install that gave up released its server's ports and
+/// capacity (`install_failed`); its retry reserves them again first, on the server's node or,
+/// if that has no room, on another node of its location, in the same transaction as the
+/// requeue, so the job is queued exactly when the server holds its place again. No room
+/// anywhere: 409 and the job stays as it was.
+pub fn retry_job(
+    conn: &mut DbConnection,
+    registry: &crate::blueprints::Registry,
+    id: &JobId,
+    actor: &Actor,
+    meta: &RequestMeta,
+) -> Result<jobs::Job, ApiError> {
+    jobs::retry(conn, id, actor, meta, |conn, job| {
+        let Some(server) = job
+            .server_id
+            .as_ref()
+            .filter(|_| job.kind == JobKind::ServerInstall)
+        else {
+            return Ok(());
+        };
+        let current: Option<(String, String)> = servers::table
+            .find(server.as_str())
+            .select((servers::status, servers::blueprint))
+            .first(conn)
+            .optional()?;
+        // A server deleted meanwhile: the install will find nothing to do.
+        let Some((status, slug)) = current.filter(|(status, _)| status == STATUS_INSTALL_FAILED) else {
+            return Ok(());
+        };
+        let blueprint = crate::blueprints::find(conn, registry, &slug)?
+            .ok_or_else(|| {
+                ApiError::conflict(
+                    "blueprint_missing",
+                    format!("the server's blueprint {slug} no longer exists"),
+                )
+            })?
+            .blueprint;
+        let ports: Vec<_> = blueprint.ports.iter().map(|p| p.protocols.clone()).collect();
+        let placed = allocation::reserve_again(conn, server, &ports)?;
+        tracing::info!(server.id = %server, node.id = %placed.node_id, was = %status, "install retried; capacity and ports reserved again");
+        set_status(conn, server, STATUS_INSTALLING)?;
+        Ok(())
     })
 }
 

@@ -80,9 +80,11 @@ fn node(db: &Db, name: &str, memory_mb: i64, overallocation_percent: i64) -> Nod
         sftp_port: 2022,
     })
     .unwrap();
-    nodes::create(&mut conn, &new, &Actor::System, &meta())
+    let node = nodes::create(&mut conn, &new, &Actor::System, &meta())
         .unwrap()
-        .id
+        .id;
+    common::heartbeat(db, &node);
+    node
 }
 
 fn pools(db: &Db, node: &NodeId, ips: &[&str], ports: &[&str], strategy: Strategy) {

@@ -32,6 +32,8 @@ both_backends!(
     workers_run_every_job_once_in_server_order_and_stop_gracefully,
     a_server_s_jobs_are_visible_to_its_tenant_only,
     operators_list_and_retry_jobs_over_the_api,
+    an_idle_worker_starts_a_job_at_once_when_woken,
+    finished_jobs_are_pruned_after_their_retention,
 );
 
 fn settings() -> Settings {
@@ -268,17 +270,23 @@ async fn failures_back_off_then_go_to_the_dead_letter_list_and_can_be_retried(t:
 
     // Operators put them back; a queued job cannot be "retried".
     let meta = RequestMeta::system();
-    let again = jobs::retry(&mut conn, &id, &Actor::System, &meta).unwrap();
+    let again = jobs::retry(&mut conn, &id, &Actor::System, &meta, |_, _| Ok(())).unwrap();
     assert_eq!(again.status, JobStatus::Queued);
     assert_eq!(again.attempts, 0);
     assert_eq!(again.finished_at, None);
-    let err = jobs::retry(&mut conn, &id, &Actor::System, &meta).unwrap_err();
+    let err = jobs::retry(&mut conn, &id, &Actor::System, &meta, |_, _| Ok(())).unwrap_err();
     assert_eq!(err.status.as_u16(), 409);
     assert_eq!(
-        jobs::retry(&mut conn, &JobId::generate(), &Actor::System, &meta)
-            .unwrap_err()
-            .status
-            .as_u16(),
+        jobs::retry(
+            &mut conn,
+            &JobId::generate(),
+            &Actor::System,
+            &meta,
+            |_, _| Ok(())
+        )
+        .unwrap_err()
+        .status
+        .as_u16(),
         404
     );
     let audited: i64 = mamba_panel::db::schema::audit_log::table
@@ -335,7 +343,10 @@ async fn jobs_of_one_server_run_one_at_a_time_in_order(t: TestDb) {
     assert_eq!(second.id, j2);
     // Retrying the older job while j2 runs must not run both at once.
     let mut conn = t.db.get_blocking().unwrap();
-    jobs::retry(&mut conn, &j1, &Actor::System, &RequestMeta::system()).unwrap();
+    jobs::retry(&mut conn, &j1, &Actor::System, &RequestMeta::system(), |_, _| {
+        Ok(())
+    })
+    .unwrap();
     drop(conn);
     assert!(
         claim(&t.db, "d", lease).is_none(),
@@ -397,7 +408,14 @@ async fn workers_run_every_job_once_in_server_order_and_stop_gracefully(t: TestD
         all.push(id);
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let handles = worker::spawn(t.db.clone(), settings(), recorder.clone(), 4, stop_rx);
+    let handles = worker::spawn(
+        t.db.clone(),
+        settings(),
+        recorder.clone(),
+        4,
+        stop_rx,
+        Arc::new(tokio::sync::Notify::new()),
+    );
     let db = t.db.clone();
     let ids = all.clone();
     tokio::task::spawn_blocking(move || {
@@ -448,6 +466,110 @@ async fn workers_run_every_job_once_in_server_order_and_stop_gracefully(t: TestD
     assert_eq!(job.status, JobStatus::Queued);
     assert_eq!(job.attempts, 0);
     assert_eq!(job.lease_owner, None);
+}
+
+async fn an_idle_worker_starts_a_job_at_once_when_woken(t: TestDb) {
+    // A poll far longer than the test waits: only the wake can start the second job in time.
+    let settings = Settings {
+        poll_interval: Duration::from_secs(600),
+        ..settings()
+    };
+    let recorder = Arc::new(Recorder::default());
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let first = enqueue(&t.db, None, JobKind::ServerUpdate);
+    let handles = worker::spawn(t.db.clone(), settings, recorder.clone(), 1, stop_rx, wake.clone());
+    let db = t.db.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the first job ran", || {
+            get(&db, &first).status == JobStatus::Succeeded
+        })
+    })
+    .await
+    .unwrap();
+
+    // The worker found nothing more and is waiting out its poll.
+    let second = enqueue(&t.db, None, JobKind::ServerUpdate);
+    wake.notify_one();
+    let db = t.db.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until("the woken worker ran the second job", || {
+            get(&db, &second).status == JobStatus::Succeeded
+        })
+    })
+    .await
+    .unwrap();
+    stop_tx.send(true).unwrap();
+    for handle in handles {
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn finished_jobs_are_pruned_after_their_retention(t: TestDb) {
+    use mamba_panel::db::schema::jobs as j;
+    const HOUR: i64 = 3_600_000;
+    let now = mamba_panel::db::now_ms();
+    // (status, hours since it finished); `None`: not finished.
+    let cases = [
+        (JobStatus::Succeeded, Some(30), false),
+        (JobStatus::Succeeded, Some(10), true),
+        (JobStatus::Dead, Some(30), true),
+        (JobStatus::Failed, Some(30), true),
+        (JobStatus::Dead, Some(100), false),
+        (JobStatus::Failed, Some(100), false),
+        (JobStatus::Queued, None, true),
+        (JobStatus::Running, None, true),
+    ];
+    let mut conn = t.db.get_blocking().unwrap();
+    let mut ids = Vec::new();
+    for (status, age, _) in cases {
+        let id = jobs::enqueue(&mut conn, None, None, JobKind::ServerUpdate, &json!({})).unwrap();
+        // Long ago, as the rows of old jobs are: created, run and finished.
+        let at = now - age.unwrap_or(200) * HOUR;
+        diesel::update(j::table.find(id.as_str()))
+            .set((
+                j::status.eq(status.as_str()),
+                j::created_at.eq(at),
+                j::run_after.eq(at),
+                j::finished_at.eq(age.map(|_| at)),
+            ))
+            .execute(&mut conn)
+            .unwrap();
+        ids.push(id);
+    }
+    let retention = jobs::Retention {
+        succeeded: Duration::from_secs(24 * 3600),
+        dead: Duration::from_secs(72 * 3600),
+    };
+    assert_eq!(jobs::prune(&mut conn, retention, now).unwrap(), 3);
+    for ((status, age, kept), id) in cases.iter().zip(&ids) {
+        assert_eq!(
+            jobs::get(&mut conn, id).unwrap().is_some(),
+            *kept,
+            "{status:?} finished {age:?} hours ago"
+        );
+    }
+    assert_eq!(
+        jobs::prune(&mut conn, retention, now).unwrap(),
+        0,
+        "nothing more to prune"
+    );
+
+    // A retried dead job is history no more: it stays however old its first run was.
+    let old_dead = &ids[2];
+    jobs::retry(
+        &mut conn,
+        old_dead,
+        &Actor::System,
+        &RequestMeta::system(),
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    assert_eq!(jobs::prune(&mut conn, retention, now + 1000 * HOUR).unwrap(), 2);
+    assert!(jobs::get(&mut conn, old_dead).unwrap().is_some());
 }
 
 fn scope(db: &Db, slug: &str) -> TenantScope {

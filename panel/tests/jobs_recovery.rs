@@ -361,6 +361,9 @@ fn a_panel_killed_during_an_install_resumes_the_job_without_duplicates(kind: com
     })
     .unwrap();
     let node = mamba_panel::nodes::create(&mut conn, &new, &Actor::System, &meta).unwrap();
+    // Placement takes only nodes that have been heard from, and the panel that receives
+    // wings' heartbeats starts only later here: record the first one as it would.
+    common::heartbeat(&db, &node.id);
     mamba_panel::allocation::add_pools(
         &mut conn,
         &node.id,

@@ -22,7 +22,8 @@ use mamba_panel::audit::Actor;
 use mamba_panel::authz;
 use mamba_panel::config::{Config, QuotaConfig};
 use mamba_panel::http::{AppState, app};
-use mamba_panel::ids::{NodeId, ServerId};
+use mamba_panel::ids::{JobId, NodeId, ServerId};
+use mamba_panel::jobs::{self, JobKind, JobStatus};
 use mamba_panel::nodes::{self, NewNode};
 use mamba_panel::request_meta::RequestMeta;
 use mamba_panel::servers::{self, NewServer};
@@ -35,6 +36,8 @@ both_backends!(
     other_tenants_get_404_and_permissions_are_checked,
     quotas_hold_under_50_parallel_creates,
     console_tokens_are_what_wings_verifies,
+    a_dead_install_frees_its_place_and_an_operator_retry_takes_one_again,
+    two_hundred_parallel_api_creates_fill_one_node_exactly,
 );
 
 const IP: &str = "198.51.100.70";
@@ -59,12 +62,18 @@ fn config(t: &TestDb, blueprints: &tempfile::TempDir) -> Config {
 }
 
 fn node(t: &TestDb, name: &str, ports: &str) -> NodeId {
+    node_sized(t, name, ports, 1 << 20)
+}
+
+/// A public node in location `test` that has sent its first heartbeat, with `memory_mb` of
+/// memory (and CPU and disk to spare) and one pool on 10.0.0.1.
+fn node_sized(t: &TestDb, name: &str, ports: &str, memory_mb: i64) -> NodeId {
     let new = nodes::check_new(&NewNode {
         name: name.into(),
         fqdn: format!("{name}.example.com"),
         location: "test".into(),
         cpu_percent: 100_000,
-        memory_mb: 1 << 20,
+        memory_mb,
         disk_mb: 1 << 30,
         overallocation_percent: 0,
         is_public: true,
@@ -79,6 +88,7 @@ fn node(t: &TestDb, name: &str, ports: &str) -> NodeId {
         .unwrap()
         .id;
     add_pool(t, &node, "10.0.0.1", ports);
+    common::heartbeat(&t.db, &node);
     node
 }
 
@@ -1169,4 +1179,238 @@ async fn ws_client(scenario: &Value) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Simulates the job worker giving up on a server's install: claims its queued install job
+/// (finishing other servers' jobs on the way: no worker runs here), undoes it as
+/// `Provisioner::give_up` does after removing it from the node, and marks it dead.
+fn give_up_install(t: &TestDb, server: &str) -> JobId {
+    let mut conn = t.db.get_blocking().unwrap();
+    let job = loop {
+        let job = jobs::claim(&mut conn, "test-worker", Duration::from_secs(60))
+            .unwrap()
+            .expect("the install job is claimable");
+        if job.server_id.as_ref().map(|s| s.as_str()) == Some(server) {
+            break job;
+        }
+        assert!(jobs::succeed(&mut conn, &job.id, "test-worker").unwrap());
+    };
+    assert_eq!(job.kind, JobKind::ServerInstall);
+    jobs::record_step(&mut conn, &job.id, "test-worker", "pushed", &json!({})).unwrap();
+    servers::install_gave_up(&mut conn, &ServerId::from_db(server.to_string())).unwrap();
+    let outcome = jobs::fail(&mut conn, &job.id, "test-worker", "node unreachable", None, true).unwrap();
+    assert_eq!(outcome, jobs::Outcome::Dead);
+    job.id
+}
+
+fn server_row(t: &TestDb, server: &str) -> (String, String) {
+    use mamba_panel::db::schema::servers as s;
+    let mut conn = t.db.get_blocking().unwrap();
+    s::table
+        .find(server)
+        .select((s::node_id, s::status))
+        .first(&mut conn)
+        .unwrap()
+}
+
+fn ports_of(t: &TestDb, server: &str) -> Vec<(String, i32)> {
+    use mamba_panel::db::schema::allocations;
+    let mut conn = t.db.get_blocking().unwrap();
+    allocations::table
+        .filter(allocations::server_id.eq(server))
+        .select((allocations::node_id, allocations::port))
+        .load(&mut conn)
+        .unwrap()
+}
+
+async fn a_dead_install_frees_its_place_and_an_operator_retry_takes_one_again(t: TestDb) {
+    let bp = blueprints_dir();
+    let state = t.state_with(config(&t, &bp));
+    let svc = test::init_service(app(state.clone(), common::metrics())).await;
+    let (alice, tenant) = owner(&svc, &t, "dead@example.test", false).await;
+    let (operator, _) = owner(&svc, &t, "deadop@example.test", true).await;
+    // Room for exactly one server of 64 MB.
+    let home = node_sized(&t, "home", "30000-30009", 64);
+    let base = format!("/api/v1/tenants/{tenant}/servers");
+    let small = |name: &str| {
+        json!({"name": name, "blueprint": "testbox",
+            "limits": {"cpu_percent": 10, "memory_mb": 64, "disk_mb": 10}})
+    };
+    let a = call(&svc, Method::POST, &base, &alice, Some(small("a"))).await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
+    let first = a.body["server"]["id"].as_str().unwrap().to_string();
+    let a = call(&svc, Method::POST, &base, &alice, Some(small("b"))).await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "the node is full: {a:?}");
+
+    // The install dies: its port and its capacity go back to the node.
+    let job = give_up_install(&t, &first);
+    assert_eq!(
+        server_row(&t, &first),
+        (home.to_string(), "install_failed".into())
+    );
+    assert!(ports_of(&t, &first).is_empty());
+    let a = call(&svc, Method::POST, &base, &alice, Some(small("b"))).await;
+    assert_eq!(
+        a.status,
+        StatusCode::ACCEPTED,
+        "the freed capacity is usable: {a:?}"
+    );
+    let second = a.body["server"]["id"].as_str().unwrap().to_string();
+    assert_eq!(ports_of(&t, &second), vec![(home.to_string(), 30000)]);
+    // A reinstall cannot bring it back: it holds no ports.
+    let a = call(
+        &svc,
+        Method::POST,
+        &format!("{base}/{first}/reinstall"),
+        &alice,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{a:?}");
+    assert_eq!(a.body["error"]["code"], "install_failed");
+
+    // The operator's retry must reserve again: no room anywhere is a 409 and changes nothing.
+    let retry = format!("/api/v1/admin/jobs/{job}/retry");
+    let a = call(&svc, Method::POST, &retry, &alice, None).await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{a:?}");
+    let a = call(&svc, Method::POST, &retry, &operator, None).await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{a:?}");
+    assert_eq!(a.body["error"]["code"], "insufficient_capacity", "{a:?}");
+    {
+        let mut conn = t.db.get_blocking().unwrap();
+        assert_eq!(
+            jobs::get(&mut conn, &job).unwrap().unwrap().status,
+            JobStatus::Dead
+        );
+    }
+    assert_eq!(server_row(&t, &first).1, "install_failed");
+    assert!(ports_of(&t, &first).is_empty());
+
+    // With a node of the same location that has room, the retry places it there.
+    let other = node_sized(&t, "other", "31000-31009", 64);
+    let a = call(&svc, Method::POST, &retry, &operator, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(a.body["status"], "queued");
+    assert_eq!(a.body["attempts"], 0);
+    assert!(
+        a.body["step"].is_null(),
+        "a retry starts from the first step: {a:?}"
+    );
+    assert_eq!(server_row(&t, &first), (other.to_string(), "installing".into()));
+    assert_eq!(ports_of(&t, &first), vec![(other.to_string(), 31000)]);
+    let a = call(&svc, Method::POST, &retry, &operator, None).await;
+    assert_eq!(a.status, StatusCode::CONFLICT, "{a:?}");
+    assert_eq!(a.body["error"]["code"], "job_not_retryable");
+
+    // Dead again: the retry now finds room on the server's own node and keeps it there.
+    let job = give_up_install(&t, &first);
+    assert_eq!(server_row(&t, &first).1, "install_failed");
+    let a = call(
+        &svc,
+        Method::POST,
+        &format!("/api/v1/admin/jobs/{job}/retry"),
+        &operator,
+        None,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::OK, "{a:?}");
+    assert_eq!(server_row(&t, &first), (other.to_string(), "installing".into()));
+    assert_eq!(ports_of(&t, &first), vec![(other.to_string(), 31000)]);
+    assert_eq!(
+        audit_count(&t, "job.retry", job.as_str()),
+        2,
+        "one entry per retry that went through"
+    );
+}
+
+async fn two_hundred_parallel_api_creates_fill_one_node_exactly(t: TestDb) {
+    const N: usize = 20;
+    const CREATES: usize = 200;
+    let bp = blueprints_dir();
+    let mut config = config(&t, &bp);
+    config.quotas.max_servers = 1000;
+    config.quotas.max_memory_mb = 1 << 30;
+    config.quotas.max_cpu_percent = 1 << 30;
+    config.quotas.max_disk_mb = 1 << 40;
+    // More connections, and patience for them: 200 requests queue for the pool at once.
+    let db = mamba_panel::db::Db::connect(&t.url, 8, Duration::from_secs(300)).unwrap();
+    let state = web::Data::new(
+        AppState::new(config, db, &mamba_panel::keys::MasterKey::from_bytes([42; 32])).unwrap(),
+    );
+    let svc = test::init_service(app(state.clone(), common::metrics())).await;
+    let (alice, tenant) = owner(&svc, &t, "rush@example.test", false).await;
+    // Memory for exactly N servers of 64 MB; ports for all of them and more.
+    let node = node_sized(&t, "rush", "30000-30499", 64 * N as i64);
+
+    // The panel's real HTTP server, so the creates arrive on several workers at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = state.clone();
+    let server = actix_web::HttpServer::new(move || app(served.clone(), common::metrics()))
+        .workers(4)
+        .listen(listener)
+        .unwrap()
+        .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let uri = format!("{url}/api/v1/tenants/{tenant}/servers");
+    let creates = (0..CREATES).map(|i| {
+        let (client, uri, alice) = (client.clone(), uri.clone(), alice.clone());
+        async move {
+            let answer = client
+                .post(&uri)
+                .header("authorization", alice)
+                .json(&json!({"name": format!("rush {i}"), "blueprint": "testbox",
+                    "limits": {"cpu_percent": 10, "memory_mb": 64, "disk_mb": 10}}))
+                .send()
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            (status, answer.json::<Value>().await.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(creates).await;
+    handle.stop(true).await;
+
+    let mut created = HashSet::new();
+    for (status, body) in &answers {
+        match status {
+            202 => {
+                created.insert(body["server"]["id"].as_str().unwrap().to_string());
+            }
+            409 => assert!(
+                ["no_node_fits", "insufficient_capacity"].contains(&body["error"]["code"].as_str().unwrap()),
+                "{body}"
+            ),
+            _ => panic!("unexpected answer {status}: {body}"),
+        }
+    }
+    assert_eq!(
+        created.len(),
+        N,
+        "exactly as many servers as the node has room for"
+    );
+
+    use mamba_panel::db::schema::{allocations, servers as s};
+    let mut conn = t.db.get_blocking().unwrap();
+    let rows: Vec<String> = s::table
+        .filter(s::node_id.eq(node.as_str()))
+        .select(s::id)
+        .load(&mut conn)
+        .unwrap();
+    assert_eq!(rows.into_iter().collect::<HashSet<_>>(), created);
+    let ports: Vec<(String, i32)> = allocations::table
+        .filter(allocations::node_id.eq(node.as_str()))
+        .select((allocations::ip, allocations::port))
+        .load(&mut conn)
+        .unwrap();
+    assert_eq!(ports.len(), N);
+    assert_eq!(
+        ports.iter().collect::<HashSet<_>>().len(),
+        N,
+        "no port given out twice: {ports:?}"
+    );
 }

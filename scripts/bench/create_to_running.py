@@ -149,6 +149,9 @@ def main() -> int:
         procs.append(subprocess.Popen([TARGET / "wings", "--config", work / "a.toml"],
                                       stdout=open(work / "a.log", "w"), stderr=subprocess.STDOUT))
         wait("wings A", 60, lambda: healthy(a_public))
+        # Placement takes only nodes that have been heard from: wings heartbeats as it starts.
+        wait("wings A's first heartbeat", 60, lambda: http(
+            "GET", f"{base}/api/v1/admin/nodes/{node['id']}", token=token)[1].get("connectivity") == "online")
 
         # wings B, driven directly as the panel would (throwaway CA).
         b_api, b_public, b_sftp = free_port(), free_port(), free_port()

@@ -310,15 +310,9 @@ async fn bad_requests_on_servers_get_the_envelope() {
     );
 }
 
-/// SECURITY-CHECKLIST 28: nothing the panel pushes can widen what a container may do on the
-/// node. Neither a create request nor a blueprint has a word for host mounts, privileges,
-/// capabilities, devices, host namespaces, another network or another user, and every
-/// object in them refuses unknown fields, so each such attempt is a 400 and nothing is made.
-/// What the node then builds comes from its own configuration, checked on a real container.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_pushed_config_cannot_widen_the_node_privileges() {
-    let wings = Wings::start().await;
-    let widenings: Vec<(&str, Value)> = vec![
+/// Fields that would widen what a container may do, each somewhere a client might try it.
+fn widenings() -> Vec<(&'static str, Value)> {
+    vec![
         ("privileged", json!(true)),
         (
             "mounts",
@@ -342,52 +336,51 @@ async fn a_pushed_config_cannot_widen_the_node_privileges() {
         ("user", json!("0:0")),
         ("sysctls", json!({"kernel.core_pattern": "|/bin/sh"})),
         ("readonly_rootfs", json!(false)),
-    ];
-    // Every object the panel sends that could plausibly carry them.
-    let places: &[&str] = &[
-        "",
-        "blueprint",
-        "blueprint.install",
-        "limits",
-        "allocations.default",
-    ];
-    for place in places {
-        for (key, value) in &widenings {
-            let id = unique_id("widen");
-            let mut body = create_body(&id, testbox(), json!({}), json!(free_port()));
-            body["limits"] = json!({"memory_mb": 128, "cpu_percent": 100, "disk_mb": 100, "pids": 64});
-            let target = place
-                .split('.')
-                .filter(|p| !p.is_empty())
-                .fold(&mut body, |v, p| &mut v[p]);
-            target[*key] = value.clone();
-            let (status, answer) = wings.post("/api/servers", body).await;
-            assert_eq!(status, 400, "{key} in {place:?}: {answer}");
-            assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
-            assert!(
-                answer["error"]["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(key)),
-                "{key} in {place:?}: {answer}"
-            );
-            assert_eq!(wings.get(&format!("/api/servers/{id}")).await.0, 404);
-        }
-    }
-    assert!(wings.containers().is_empty(), "a refused create made a container");
+    ]
+}
 
-    // A proper create: the container gets the node's restrictions, whatever was asked.
-    let id = unique_id("narrow");
-    wings.create(&id, testbox(), json!({}), free_port()).await;
-    wings
-        .wait_state(&id, "running", std::time::Duration::from_secs(120))
-        .await;
-    let (ok, inspect) = common::docker(&["inspect", &format!("mamba-{id}")]);
+/// Every object of a create or update request that could plausibly carry them.
+const WIDENING_PLACES: &[&str] = &[
+    "",
+    "blueprint",
+    "blueprint.install",
+    "limits",
+    "allocations.default",
+];
+
+/// A create or update body for `id` with `key: value` set in the object at `place`.
+fn widened_body(id: &str, port: u16, place: &str, key: &str, value: &Value) -> Value {
+    let mut body = create_body(id, testbox(), json!({}), json!(port));
+    body["limits"] = json!({"memory_mb": 128, "cpu_percent": 100, "disk_mb": 100, "pids": 64});
+    let target = place
+        .split('.')
+        .filter(|p| !p.is_empty())
+        .fold(&mut body, |v, p| &mut v[p]);
+    target[key] = value.clone();
+    body
+}
+
+fn assert_widening_refused(status: u16, answer: &Value, key: &str, place: &str) {
+    assert_eq!(status, 400, "{key} in {place:?}: {answer}");
+    assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(key)),
+        "{key} in {place:?}: {answer}"
+    );
+}
+
+/// The game container of `id` has the node's restrictions, whatever was asked.
+fn assert_container_is_narrow(wings: &Wings, container: &str) {
+    let (ok, inspect) = common::docker(&["inspect", container]);
     assert!(ok, "{inspect}");
     let inspect: Value = serde_json::from_str(&inspect).unwrap();
     let c = &inspect[0];
     let host = &c["HostConfig"];
     assert_eq!(host["Privileged"], false);
     assert_eq!(host["CapDrop"], json!(["ALL"]));
+    assert!(host["CapAdd"].as_array().is_none_or(Vec::is_empty), "{host}");
     assert_eq!(host["NetworkMode"], "mamba0", "{host}");
     for mode in ["PidMode", "IpcMode", "UsernsMode"] {
         assert!(host[mode].as_str().is_none_or(|m| m != "host"), "{mode}: {host}");
@@ -407,4 +400,87 @@ async fn a_pushed_config_cannot_widen_the_node_privileges() {
             assert_eq!(mount["Type"], "tmpfs", "{mount}");
         }
     }
+}
+
+/// SECURITY-CHECKLIST 28: nothing the panel pushes can widen what a container may do on the
+/// node. Neither a create request nor a blueprint has a word for host mounts, privileges,
+/// capabilities, devices, host namespaces, another network or another user, and every
+/// object in them refuses unknown fields, so each such attempt is a 400 and nothing is made.
+/// What the node then builds comes from its own configuration, checked on a real container.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pushed_config_cannot_widen_the_node_privileges() {
+    let wings = Wings::start().await;
+    for place in WIDENING_PLACES {
+        for (key, value) in &widenings() {
+            let id = unique_id("widen");
+            let body = widened_body(&id, free_port(), place, key, value);
+            let (status, answer) = wings.post("/api/servers", body).await;
+            assert_widening_refused(status, &answer, key, place);
+            assert_eq!(wings.get(&format!("/api/servers/{id}")).await.0, 404);
+        }
+    }
+    assert!(wings.containers().is_empty(), "a refused create made a container");
+
+    // A proper create: the container gets the node's restrictions, whatever was asked.
+    let id = unique_id("narrow");
+    wings.create(&id, testbox(), json!({}), free_port()).await;
+    wings
+        .wait_state(&id, "running", std::time::Duration::from_secs(120))
+        .await;
+    assert_container_is_narrow(&wings, &format!("mamba-{id}"));
+}
+
+/// SECURITY-CHECKLIST 28 for the update route (`PUT /api/servers/{id}`, the panel's
+/// `server_update` job): it takes the same request as a create, so every widening is a 400
+/// there too, the stored spec stays as it was, and the container made at the next start
+/// still has only the node's restrictions.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_update_cannot_widen_the_node_privileges_either() {
+    let wings = Wings::start().await;
+    let id = unique_id("upwiden");
+    let port = free_port();
+    wings.create(&id, testbox(), json!({}), port).await;
+    let timeout = std::time::Duration::from_secs(120);
+    wings.wait_state(&id, "running", timeout).await;
+    let before = wings.server(&id).await;
+    let path = format!("/api/servers/{id}");
+    for place in WIDENING_PLACES {
+        for (key, value) in &widenings() {
+            let body = widened_body(&id, port, place, key, value);
+            let (status, answer) = wings.put(&path, body).await;
+            assert_widening_refused(status, &answer, key, place);
+        }
+    }
+    let after = wings.server(&id).await;
+    for field in ["limits", "blueprint", "allocations", "image"] {
+        assert_eq!(after[field], before[field], "a refused update changed {field}");
+    }
+    let stored =
+        std::fs::read_to_string(wings.data_dir().join("servers").join(&id).join("server.json")).unwrap();
+    for value in [
+        "SYS_ADMIN",
+        "/dev/mem",
+        "seccomp=unconfined",
+        "kernel.core_pattern",
+        "/host",
+    ] {
+        assert!(
+            !stored.contains(value),
+            "{value} reached the stored record: {stored}"
+        );
+    }
+
+    // A proper update, then a restart: the new container is as narrow as the first.
+    let body = widened_body(&id, port, "", "id", &json!(id));
+    let (status, answer) = wings.put(&path, body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(wings.power(&id, "restart").await.0, 202);
+    let container = common::wait_for("the restarted container", timeout, || async {
+        let server = wings.server(&id).await;
+        let container = server["container_id"].as_str()?.to_string();
+        (server["state"] == "running" && Some(container.as_str()) != before["container_id"].as_str())
+            .then_some(container)
+    })
+    .await;
+    assert_container_is_narrow(&wings, &container);
 }

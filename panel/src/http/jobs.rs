@@ -41,7 +41,8 @@ pub(crate) async fn list_jobs(
     Ok(HttpResponse::Ok().json(list))
 }
 
-/// Puts a dead or failed job back in the queue with fresh attempts.
+/// Puts a dead or failed job back in the queue with fresh attempts; an install that gave up
+/// reserves its server's capacity and ports again first (409 when no node has room).
 #[utoipa::path(post, path = "/api/v1/admin/jobs/{job}/retry", tag = "admin",
     params(("job" = String, Path, description = "Job id")),
     responses((status = 200, description = "Queued again", body = crate::jobs::Job),
@@ -49,7 +50,7 @@ pub(crate) async fn list_jobs(
         (status = 401, description = "Not logged in", body = crate::openapi::ErrorResponse),
         (status = 403, description = "Operators only", body = crate::openapi::ErrorResponse),
         (status = 404, description = "No such job", body = crate::openapi::ErrorResponse),
-        (status = 409, description = "The job is not dead or failed", body = crate::openapi::ErrorResponse)),
+        (status = 409, description = "The job is not dead or failed, or its server finds no room again", body = crate::openapi::ErrorResponse)),
     security(("bearer" = []), ("session" = [])))]
 pub(crate) async fn retry_job(
     state: web::Data<AppState>,
@@ -60,9 +61,11 @@ pub(crate) async fn retry_job(
     let id = JobId::parse(&path.into_inner()).ok_or_else(|| ApiError::not_found("job"))?;
     let meta = state.meta(&req);
     let actor = Actor::User(admin.0.user_id());
+    let registry = state.blueprints.clone();
     let job = state
         .db
-        .run(move |conn| jobs::retry(conn, &id, &actor, &meta))
+        .run(move |conn| crate::servers::retry_job(conn, &registry, &id, &actor, &meta))
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Ok().json(job))
 }

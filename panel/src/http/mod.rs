@@ -57,6 +57,8 @@ pub struct AppState {
     pub pki: Arc<crate::node_pki::PanelPki>,
     /// Woken when server events were stored, so the webhook task sends them promptly.
     pub telemetry_wake: Arc<tokio::sync::Notify>,
+    /// Woken when a request committed a job, so this process's job workers claim it at once.
+    pub jobs_wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,7 @@ impl AppState {
         Ok(AppState {
             pki,
             telemetry_wake: Arc::new(tokio::sync::Notify::new()),
+            jobs_wake: Arc::new(tokio::sync::Notify::new()),
             dummy_hash: hasher.dummy_hash()?,
             hasher,
             links: LinkSigner::new(master),
@@ -100,6 +103,12 @@ impl AppState {
             config: Arc::new(config),
             db,
         })
+    }
+
+    /// Tells this process's job workers that a job was committed. Call it only after the
+    /// transaction that enqueued the job committed, or a worker may look before it exists.
+    pub fn wake_workers(&self) {
+        self.jobs_wake.notify_one();
     }
 
     pub fn meta(&self, req: &HttpRequest) -> RequestMeta {

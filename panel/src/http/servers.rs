@@ -179,6 +179,7 @@ pub(crate) async fn create_server(
             servers::create_and_install(conn, &scope, &found.blueprint, &new, &quotas, &meta)
         })
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Accepted().json(created))
 }
 
@@ -304,6 +305,7 @@ pub(crate) async fn update_server(
             servers::update(conn, &scope, &id, &blueprint.blueprint, &changes, &quotas, &meta)
         })
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Accepted().json(queued))
 }
 
@@ -330,6 +332,7 @@ pub(crate) async fn delete_server(
         .db
         .run(move |conn| servers::request_delete(conn, &scope, &id, &meta))
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Accepted().json(queued))
 }
 
@@ -359,6 +362,7 @@ pub(crate) async fn power_server(
         .db
         .run(move |conn| servers::power(conn, &scope, &id, action, &meta))
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Accepted().json(queued))
 }
 
@@ -385,6 +389,7 @@ pub(crate) async fn reinstall_server(
         .db
         .run(move |conn| servers::reinstall(conn, &scope, &id, &meta))
         .await?;
+    state.wake_workers();
     Ok(HttpResponse::Accepted().json(queued))
 }
 
@@ -648,6 +653,9 @@ async fn set_suspended(
             Ok::<_, ApiError>((suspension, node))
         })
         .await?;
+    if suspension.job.is_some() {
+        state.wake_workers();
+    }
     let mut sockets_closed = false;
     if suspend && let Some(node) = node {
         // Closes live sockets and refuses every token issued so far; new ones are refused by

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::{Job, Outcome, Settings};
 use crate::db::{Db, DbError};
@@ -92,13 +92,17 @@ pub fn owner_id() -> String {
 }
 
 /// Starts `count` worker loops; they stop when `stop` turns true. Await the handles for a
-/// graceful stop.
+/// graceful stop. An idle loop looks for work every `settings.poll_interval`, and at once
+/// when `wake` is notified: `panel serve` notifies it after a request's job committed
+/// (`AppState::wake_workers`), so a job in the same process starts without waiting for the
+/// poll. Jobs enqueued by another process are found by the poll.
 pub fn spawn<H: Handler>(
     db: Db,
     settings: Settings,
     handler: Arc<H>,
     count: usize,
     stop: watch::Receiver<bool>,
+    wake: Arc<Notify>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..count)
         .map(|_| {
@@ -107,6 +111,7 @@ pub fn spawn<H: Handler>(
                 settings,
                 handler: handler.clone(),
                 owner: owner_id().into(),
+                wake: wake.clone(),
             };
             let stop = stop.clone();
             tokio::spawn(async move { worker.run(stop).await })
@@ -119,6 +124,7 @@ struct Worker<H> {
     settings: Settings,
     handler: Arc<H>,
     owner: Arc<str>,
+    wake: Arc<Notify>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -133,8 +139,11 @@ impl<H: Handler> Worker<H> {
             match claimed {
                 Ok(Some(job)) => self.execute(job, &mut stop).await,
                 Ok(None) => {
+                    // `notify_one` keeps a permit when no loop is waiting, so a job committed
+                    // between the claim above and this wait is not missed.
                     tokio::select! {
                         _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                        _ = self.wake.notified() => {}
                         _ = stop.changed() => {}
                     }
                 }

@@ -143,6 +143,26 @@ fn postgres_admin_url() -> Option<String> {
     }
 }
 
+/// Records a heartbeat from `node` through the panel's own telemetry, as a running wings
+/// would send it: placement takes only nodes that have been heard from.
+pub fn heartbeat(db: &mamba_panel::db::Db, node: &mamba_panel::ids::NodeId) {
+    let mut conn = db.get_blocking().unwrap();
+    let hb = mamba_shared::node_api::Heartbeat {
+        version: "test".into(),
+        uptime_s: 1,
+        resources: mamba_shared::node_api::NodeResources::default(),
+        servers: Vec::new(),
+    };
+    mamba_panel::telemetry::record_heartbeat(
+        &mut conn,
+        node,
+        &hb,
+        &mamba_panel::request_meta::RequestMeta::system(),
+        mamba_panel::db::now_ms(),
+    )
+    .unwrap();
+}
+
 pub fn metrics() -> web::Data<Metrics> {
     web::Data::new(Metrics::new().unwrap())
 }

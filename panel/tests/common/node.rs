@@ -133,6 +133,27 @@ impl WingsNode {
             public_port,
         };
         wings.spawn().await;
+        // Placement takes only nodes that have been heard from; wings sends its first
+        // heartbeat as it starts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let connectivity = {
+                let mut conn = t.db.get_blocking().unwrap();
+                nodes::get(&mut conn, &wings.node.id)
+                    .unwrap()
+                    .unwrap()
+                    .connectivity
+            };
+            if connectivity == nodes::CONNECTIVITY_ONLINE {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wings sent no heartbeat:\n{}",
+                wings.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         wings
     }
 
