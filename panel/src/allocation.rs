@@ -551,13 +551,13 @@ pub struct Request {
 pub enum ReserveError {
     #[error("no such node")]
     NoNode,
-    #[error("the node takes no new servers (maintenance, decommissioned or offline)")]
+    #[error("the node takes no new servers (maintenance, decommissioned, offline, or not heard from yet)")]
     NodeUnavailable,
     #[error("not enough {0} left on the node")]
     NoCapacity(&'static str),
     #[error("no free port for {0} on the node")]
     NoPorts(String),
-    #[error("no node can take this server")]
+    #[error("no online node has the capacity and free ports for this server")]
     NoNodeFits,
     #[error("no such server")]
     NoServer,
@@ -596,8 +596,9 @@ fn is_unique_violation(e: &diesel::result::Error) -> bool {
     )
 }
 
-/// Places a new server: on `request.node`, or else on the public, active nodes (of
-/// `request.location`), most free memory first. Records the server and its allocations,
+/// Places a new server: on `request.node`, or else on the public, active, online nodes (of
+/// `request.location`), most free memory first. A node is online once it has sent a
+/// heartbeat and until it falls silent, so a node whose wings never ran takes nothing. Records the server and its allocations,
 /// with the audit entry `server.create`, in one transaction per node tried.
 pub fn place(
     conn: &mut DbConnection,
@@ -617,7 +618,7 @@ pub fn place(
         .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
         .filter(nodes::is_public.eq(true))
         .filter(nodes::maintenance.eq(false))
-        .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE))
+        .filter(nodes::connectivity.eq(node_data::CONNECTIVITY_ONLINE))
         .select(node_data::NodeRow::as_select())
         .into_boxed();
     if let Some(location) = &request.location {
@@ -735,9 +736,9 @@ fn lock_and_pick(
             .find(node.as_str())
             .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
             .filter(nodes::maintenance.eq(false))
-            // A node that stopped heartbeating cannot install anything; one never heard from
-            // yet is still placeable (it may be enrolling).
-            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE)),
+            // Only a node that heartbeats can install anything: one never heard from is not
+            // running wings yet, one gone silent is offline.
+            .filter(nodes::connectivity.eq(node_data::CONNECTIVITY_ONLINE)),
     )
     .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
     .execute(conn)?;
@@ -883,7 +884,7 @@ pub fn reserve_again(
             .filter(nodes::status.eq(node_data::STATUS_ACTIVE))
             .filter(nodes::is_public.eq(true))
             .filter(nodes::maintenance.eq(false))
-            .filter(nodes::connectivity.ne(node_data::CONNECTIVITY_OFFLINE))
+            .filter(nodes::connectivity.eq(node_data::CONNECTIVITY_ONLINE))
             .filter(nodes::location.eq(location))
             .filter(nodes::id.ne(home.as_str()))
             .select(node_data::NodeRow::as_select())

@@ -1,6 +1,6 @@
 //! What nodes report, on both backends, through the panel's real mutual-TLS node listener and
 //! wings' real enrollment: heartbeats bring a node online and the periodic check marks a
-//! silent one offline (placement skips it) until it is heard from again; metrics and events
+//! silent one offline (placement skips it, as it skips one never heard from) until it is heard from again; metrics and events
 //! about another node's servers are refused with 403 and store nothing (SECURITY-CHECKLIST
 //! 26); replays store nothing twice; a revoked certificate is refused; events are listed to
 //! the server's tenant only and reach the webhook, signed, at least once, across a failed
@@ -459,21 +459,6 @@ async fn a_silent_node_goes_offline_and_comes_back_by_itself(t: TestDb) {
     let (_identity, client) = panel.enroll(&a).await;
     mamba_panel::telemetry::spawn_heartbeat_monitor(panel.state.db.clone(), &panel.state.config.heartbeats);
 
-    // Never heard from: `new`, and placeable (it may be enrolling).
-    assert_eq!(panel.connectivity(&a).0, "new");
-    let (status, _) = panel.post(&client, HEARTBEAT_PATH, &heartbeat(&[])).await;
-    assert_eq!(status, 200);
-    assert_eq!(panel.connectivity(&a).0, "online");
-    assert_eq!(panel.audit_count("node.online", &a), 1);
-
-    // Silent for longer than offline_after_secs: the periodic check marks it offline.
-    wait_for(Duration::from_secs(30), "the node to be marked offline", || {
-        panel.connectivity(&a).0 == "offline"
-    })
-    .await;
-    assert_eq!(panel.audit_count("node.offline", &a), 1);
-
-    // Placement skips it, whether aimed at or automatic.
     let scope = {
         let mut conn = panel.state.db.get_blocking().unwrap();
         let owner = mamba_panel::users::find_by_email(&mut conn, "acme@example.test")
@@ -501,19 +486,37 @@ async fn a_silent_node_goes_offline_and_comes_back_by_itself(t: TestDb) {
         node,
         location: None,
     };
-    {
+    let unplaceable = |why: &str| {
         let mut conn = panel.state.db.get_blocking().unwrap();
         let aimed = mamba_panel::allocation::place(&mut conn, &scope, &request(Some(a.clone())), &meta());
         assert!(
             matches!(aimed, Err(mamba_panel::allocation::ReserveError::NodeUnavailable)),
-            "{aimed:?}"
+            "{why}: {aimed:?}"
         );
         let auto = mamba_panel::allocation::place(&mut conn, &scope, &request(None), &meta());
         assert!(
             matches!(auto, Err(mamba_panel::allocation::ReserveError::NoNodeFits)),
-            "{auto:?}"
+            "{why}: {auto:?}"
         );
-    }
+    };
+
+    // Never heard from: `new`, and not placeable (its wings is not running yet).
+    assert_eq!(panel.connectivity(&a).0, "new");
+    unplaceable("a node never heard from");
+    let (status, _) = panel.post(&client, HEARTBEAT_PATH, &heartbeat(&[])).await;
+    assert_eq!(status, 200);
+    assert_eq!(panel.connectivity(&a).0, "online");
+    assert_eq!(panel.audit_count("node.online", &a), 1);
+
+    // Silent for longer than offline_after_secs: the periodic check marks it offline.
+    wait_for(Duration::from_secs(30), "the node to be marked offline", || {
+        panel.connectivity(&a).0 == "offline"
+    })
+    .await;
+    assert_eq!(panel.audit_count("node.offline", &a), 1);
+
+    // Placement skips it, whether aimed at or automatic.
+    unplaceable("an offline node");
 
     // Its next heartbeat brings it back, audited, and placement uses it again.
     let (status, _) = panel.post(&client, HEARTBEAT_PATH, &heartbeat(&[])).await;
