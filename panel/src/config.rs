@@ -30,6 +30,7 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub servers: ServersConfig,
     pub quotas: QuotaConfig,
+    pub backups: BackupsConfig,
     pub heartbeats: HeartbeatsConfig,
     pub notifications: NotificationsConfig,
     pub activity: ActivityConfig,
@@ -50,6 +51,34 @@ impl Default for ActivityConfig {
         ActivityConfig {
             retention_days: 90,
             prune_interval_secs: 3600,
+        }
+    }
+}
+
+/// Servers' backups through the panel (`backups`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupsConfig {
+    /// Where nodes store new backups: `local` (the node's `backups.local_dir`) or `s3` (only
+    /// when every node has `[backups.s3]` configured; wings refuses it otherwise).
+    pub adapter: String,
+    /// Encrypt each backup with its own key (AES-256-GCM on the node), kept sealed in the
+    /// panel. Downloads are then the encrypted archive.
+    pub encrypt: bool,
+    /// Seconds one attempt of a backup or restore job waits for the node to finish it.
+    pub timeout_secs: u64,
+    /// Seconds a signed download URL stays valid (wings refuses longer than its
+    /// `tokens.max_lifetime_secs`, 900 by default).
+    pub download_url_secs: u64,
+}
+
+impl Default for BackupsConfig {
+    fn default() -> Self {
+        BackupsConfig {
+            adapter: "local".into(),
+            encrypt: false,
+            timeout_secs: 3600,
+            download_url_secs: 300,
         }
     }
 }
@@ -173,6 +202,8 @@ pub struct QuotaConfig {
     pub max_cpu_percent: i64,
     /// Disk of all the tenant's servers together, in MB.
     pub max_disk_mb: i64,
+    /// Backups each server may keep (failed ones do not count).
+    pub max_backups_per_server: i64,
 }
 
 impl Default for QuotaConfig {
@@ -182,6 +213,7 @@ impl Default for QuotaConfig {
             max_memory_mb: 32_768,
             max_cpu_percent: 1600,
             max_disk_mb: 204_800,
+            max_backups_per_server: 5,
         }
     }
 }
@@ -550,6 +582,18 @@ impl Config {
         }
         if !(1..=3660).contains(&self.jobs.dead_retention_days) {
             return bad("jobs.dead_retention_days must be between 1 and 3660");
+        }
+        if !matches!(self.backups.adapter.as_str(), "local" | "s3") {
+            return bad("backups.adapter must be local or s3");
+        }
+        if !(10..=604_800).contains(&self.backups.timeout_secs) {
+            return bad("backups.timeout_secs must be between 10 and 604800");
+        }
+        if !(10..=3600).contains(&self.backups.download_url_secs) {
+            return bad("backups.download_url_secs must be between 10 and 3600");
+        }
+        if !(0..=1000).contains(&self.quotas.max_backups_per_server) {
+            return bad("quotas.max_backups_per_server must be between 0 and 1000");
         }
         if !(30..=3600).contains(&self.servers.console_token_secs) {
             return bad("servers.console_token_secs must be between 30 and 3600");

@@ -46,7 +46,9 @@ pub enum SignError {
 }
 
 /// `header.claims.signature`, each base64url without padding; the header names EdDSA.
-pub fn sign(pkcs8: &[u8], claims: &ConsoleClaims) -> Result<String, SignError> {
+/// Also signs the claims of signed download URLs (`mamba_shared::files_api::SignedUrlClaims`),
+/// which wings verifies with the same key.
+pub fn sign<C: Serialize>(pkcs8: &[u8], claims: &C) -> Result<String, SignError> {
     let pair =
         ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8).map_err(|_| SignError::Key)?;
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"EdDSA","typ":"JWT"}"#);

@@ -98,3 +98,7 @@ id_type!(
     /// One durable job (`jobs`).
     JobId
 );
+id_type!(
+    /// One backup of a server; also its id on the node (a UUID fits wings' backup ids).
+    BackupId
+);

@@ -54,16 +54,20 @@ pub enum JobKind {
     ServerDelete,
     ServerPower,
     ServerBackup,
+    ServerBackupRestore,
+    ServerBackupDelete,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 6] = [
+    pub const ALL: [JobKind; 8] = [
         JobKind::ServerInstall,
         JobKind::ServerUpdate,
         JobKind::ServerReinstall,
         JobKind::ServerDelete,
         JobKind::ServerPower,
         JobKind::ServerBackup,
+        JobKind::ServerBackupRestore,
+        JobKind::ServerBackupDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +78,8 @@ impl JobKind {
             JobKind::ServerDelete => "server_delete",
             JobKind::ServerPower => "server_power",
             JobKind::ServerBackup => "server_backup",
+            JobKind::ServerBackupRestore => "server_backup_restore",
+            JobKind::ServerBackupDelete => "server_backup_delete",
         }
     }
 

@@ -18,6 +18,7 @@ pub mod allocation;
 pub mod api_keys;
 pub mod audit;
 pub mod authz;
+pub mod backups;
 pub mod blueprints;
 pub mod config;
 pub mod console_token;

@@ -176,13 +176,7 @@ fn start_job_workers(
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let settings = mamba_panel::jobs::Settings::from_config(&state.config.jobs);
-    let handler = std::sync::Arc::new(mamba_panel::provisioning::Provisioner {
-        db: state.db.clone(),
-        pki: state.pki.clone(),
-        blueprints: state.blueprints.clone(),
-        install_timeout: Duration::from_secs(state.config.jobs.install_timeout_secs),
-        poll_interval: Duration::from_secs(1),
-    });
+    let handler = std::sync::Arc::new(mamba_panel::provisioning::Provisioner::from_state(state));
     if count > 0 {
         tracing::info!(count, "starting job workers");
     }

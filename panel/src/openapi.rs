@@ -318,6 +318,12 @@ impl Modify for Security {
         crate::http::node_api::events,
         crate::http::node_api::activity,
         crate::http::node_sftp::sftp_auth,
+        crate::http::backups::create_backup,
+        crate::http::backups::list_backups,
+        crate::http::backups::get_backup,
+        crate::http::backups::delete_backup,
+        crate::http::backups::restore_backup,
+        crate::http::backups::download_backup,
     ),
     components(schemas(
         ErrorResponse, User, Tenant, Member, Invitation, Role, ApiKey, NewApiKey, AuditEntry, TokenPair,
@@ -341,7 +347,9 @@ impl Modify for Security {
         crate::ssh_keys::SshKey, crate::http::ssh_keys::SshKeyList,
         crate::http::ssh_keys::NewSshKey, crate::activity::Activity, Page<crate::activity::Activity>,
         NodeHeartbeatDoc, HeartbeatAckDoc, MetricsBatchDoc, EventsBatchDoc, ActivityEntryDoc, ActivityBatchDoc,
-        NodeIngestReportDoc, SftpAuthRequestDoc, SftpAuthGrantDoc
+        NodeIngestReportDoc, SftpAuthRequestDoc, SftpAuthGrantDoc, crate::backups::Backup,
+        Page<crate::backups::Backup>, crate::backups::NewBackup, crate::backups::RestoreBody, crate::backups::BackupQueued,
+        crate::http::backups::BackupDownload
     )),
     modifiers(&Security),
 )]

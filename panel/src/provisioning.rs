@@ -22,16 +22,18 @@ use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use mamba_shared::wings_api::{
-    Allocation as WireAllocation, Allocations, CreateServerRequest, InstallStatus, Limits, PowerAction,
-    ServerState, ServerView,
+    Allocation as WireAllocation, Allocations, BackupAdapter, BackupState, CreateBackupRequest,
+    CreateServerRequest, InstallStatus, Limits, PowerAction, RestoreBackupRequest, RestoreState, ServerState,
+    ServerView,
 };
 use serde_json::json;
 
 use crate::audit::Actor;
+use crate::backups::{self, BackupRow};
 use crate::db::schema::servers;
 use crate::db::{Db, DbError, now_ms};
 use crate::error::ApiError;
-use crate::ids::ServerId;
+use crate::ids::{BackupId, ServerId};
 use crate::jobs::worker::{Handler, JobContext, JobError};
 use crate::jobs::{Job, JobKind};
 use crate::node_pki::PanelPki;
@@ -52,6 +54,8 @@ pub mod step {
     pub const PUSHED: &str = "pushed";
     pub const REINSTALL_REQUESTED: &str = "reinstall_requested";
     pub const REMOVED_FROM_NODE: &str = "removed_from_node";
+    /// Progress: `{"started_at_ms"}` of the node's restore this job asked for.
+    pub const RESTORE_REQUESTED: &str = "restore_requested";
 }
 
 /// The job handler of `panel serve` and `panel worker`.
@@ -64,6 +68,10 @@ pub struct Provisioner {
     /// The longest wait between two questions to wings while waiting for a state; the first
     /// ones come sooner ([`Pacer`]).
     pub poll_interval: Duration,
+    /// Opens backups' sealed encryption keys.
+    pub secrets: crate::secrets::SecretBox,
+    /// How long a backup or restore may take on the node, per attempt.
+    pub backup_timeout: Duration,
 }
 
 /// The waits between reads of a node's view of a server: short at first and growing by half
@@ -142,6 +150,19 @@ pub fn status_of(view: &ServerView) -> &'static str {
 }
 
 impl Provisioner {
+    /// The handler `panel serve` and `panel worker` run, from the panel's state.
+    pub fn from_state(state: &crate::http::AppState) -> Provisioner {
+        Provisioner {
+            db: state.db.clone(),
+            pki: state.pki.clone(),
+            blueprints: state.blueprints.clone(),
+            install_timeout: Duration::from_secs(state.config.jobs.install_timeout_secs),
+            poll_interval: Duration::from_secs(1),
+            secrets: state.secrets.clone(),
+            backup_timeout: Duration::from_secs(state.config.backups.timeout_secs),
+        }
+    }
+
     async fn server_row(&self, id: &ServerId) -> Result<Option<ServerRow>, JobError> {
         let id = id.clone();
         Ok(self
@@ -439,20 +460,296 @@ impl Handler for Provisioner {
             JobKind::ServerPower => self.power(job, &id).await,
             JobKind::ServerDelete => self.delete(job, ctx, &id).await,
             JobKind::ServerUpdate => self.update(&id).await,
-            JobKind::ServerBackup => Err(JobError::Permanent(
-                "backups through the panel are not implemented yet; use wings' backup API".into(),
-            )),
+            JobKind::ServerBackup => self.backup(job, &id).await,
+            JobKind::ServerBackupRestore => self.restore(job, ctx, &id).await,
+            JobKind::ServerBackupDelete => self.delete_backup(job, &id).await,
         }
     }
 
     async fn give_up(&self, job: &Job, _ctx: &JobContext, error: &JobError) -> Result<(), JobError> {
-        if job.kind != JobKind::ServerInstall {
-            return Ok(());
+        match job.kind {
+            JobKind::ServerBackup => {
+                return self
+                    .backup_gave_up(
+                        job,
+                        &[backups::STATUS_PENDING, backups::STATUS_RUNNING],
+                        backups::STATUS_FAILED,
+                        error,
+                        "",
+                    )
+                    .await;
+            }
+            // The archive is as it was; the backup can be restored or deleted again.
+            JobKind::ServerBackupRestore => {
+                return self
+                    .backup_gave_up(
+                        job,
+                        &[backups::STATUS_RESTORING],
+                        backups::STATUS_COMPLETED,
+                        error,
+                        "restore failed: ",
+                    )
+                    .await;
+            }
+            JobKind::ServerBackupDelete => {
+                return self
+                    .backup_gave_up(
+                        job,
+                        &[backups::STATUS_DELETING],
+                        backups::STATUS_FAILED,
+                        error,
+                        "delete failed: ",
+                    )
+                    .await;
+            }
+            JobKind::ServerInstall => {}
+            _ => return Ok(()),
         }
         let Some(id) = &job.server_id else {
             return Ok(());
         };
         tracing::warn!(server.id = %id, %error, "install gave up; freeing the server's ports");
         self.abandon_install(id).await
+    }
+}
+
+/// Backups: one idempotent routine per job kind. The panel's backup id is the node's, so a
+/// repeated request finds what an earlier attempt started (wings answers 409 for an id it
+/// has) and goes on waiting for it; wings' 404 on a delete means it is gone already.
+impl Provisioner {
+    /// The backup a job names, with its server's node; `None` when either is gone (nothing
+    /// left to do).
+    async fn backup_of(&self, job: &Job) -> Result<Option<(BackupRow, ServerRow)>, JobError> {
+        let backup = job.payload["backup"]
+            .as_str()
+            .and_then(BackupId::parse)
+            .ok_or_else(|| JobError::Permanent(format!("a backup job without a backup: {}", job.payload)))?;
+        let Some(row) = self
+            .db
+            .run(move |conn| backups::row_any_tenant(conn, &backup).map_err(DbError::from))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let server = ServerId::from_db(row.server_id.clone());
+        Ok(self.server_row(&server).await?.map(|s| (row, s)))
+    }
+
+    async fn backup_key(&self, row: &BackupRow) -> Result<Option<String>, JobError> {
+        let (secrets, row) = (self.secrets.clone(), row.clone());
+        self.db
+            .run(move |conn| backups::open_key(conn, &secrets, &row))
+            .await
+            .map_err(|e| JobError::Permanent(format!("the backup's key cannot be opened: {}", e.message)))
+    }
+
+    async fn transition(
+        &self,
+        backup: &str,
+        from: &'static [&'static str],
+        to: &'static str,
+        error: Option<String>,
+    ) -> Result<bool, JobError> {
+        let id = BackupId::from_db(backup.to_string());
+        Ok(self
+            .db
+            .run(move |conn| {
+                backups::transition(conn, &id, from, to, error.as_deref()).map_err(DbError::from)
+            })
+            .await?)
+    }
+
+    async fn backup(&self, job: &Job, server: &ServerId) -> Result<(), JobError> {
+        let Some((row, server_row)) = self.backup_of(job).await? else {
+            return Ok(());
+        };
+        if row.status != backups::STATUS_PENDING && row.status != backups::STATUS_RUNNING {
+            // Completed by an earlier attempt, or being deleted: nothing to make.
+            return Ok(());
+        }
+        if server_row.status == status::DELETING {
+            // The server's delete takes its backups along.
+            return Ok(());
+        }
+        let adapter = match row.adapter.as_str() {
+            "s3" => BackupAdapter::S3,
+            _ => BackupAdapter::Local,
+        };
+        let request = CreateBackupRequest {
+            id: row.id.clone(),
+            adapter,
+            ignore: row.ignore(),
+            encryption_key: self.backup_key(&row).await?,
+        };
+        let client = self.client(&server_row.node_id).await?;
+        self.transition(&row.id, &[backups::STATUS_PENDING], backups::STATUS_RUNNING, None)
+            .await?;
+        match client.create_backup(server, &request).await {
+            Ok(_) => {}
+            // A backup with this id exists on the node: an earlier attempt started it. (A
+            // restore in progress also answers 409; then the backup is not found below and
+            // the attempt is retried later.)
+            Err(e) if e.is_conflict() => {}
+            Err(e) => return Err(wings_error(e)),
+        }
+        let deadline = Instant::now() + self.backup_timeout;
+        loop {
+            let view = match client.backup(server, &row.id).await {
+                Ok(view) => view,
+                Err(e) if e.is_not_found() => {
+                    return Err(JobError::Retry(
+                        "the node has not started the backup (a restore is running?)".into(),
+                    ));
+                }
+                Err(e) => return Err(wings_error(e)),
+            };
+            match view.state {
+                BackupState::Complete => {
+                    let size = view.size.and_then(|s| i64::try_from(s).ok()).unwrap_or(0);
+                    let sha256 = view.sha256.unwrap_or_default();
+                    let id = BackupId::from_db(row.id.clone());
+                    self.db
+                        .run(move |conn| backups::complete(conn, &id, size, &sha256).map_err(DbError::from))
+                        .await?;
+                    return Ok(());
+                }
+                BackupState::Failed => {
+                    return Err(JobError::Permanent(
+                        view.error
+                            .unwrap_or_else(|| "the node reports the backup failed".into()),
+                    ));
+                }
+                BackupState::Running => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(JobError::Retry(format!(
+                    "the backup was still running after {}s",
+                    self.backup_timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    async fn restore(&self, job: &Job, ctx: &JobContext, server: &ServerId) -> Result<(), JobError> {
+        let Some((row, server_row)) = self.backup_of(job).await? else {
+            return Ok(());
+        };
+        if row.status != backups::STATUS_RESTORING {
+            return Ok(());
+        }
+        let request = RestoreBackupRequest {
+            truncate: job.payload["truncate"].as_bool().unwrap_or(false),
+            encryption_key: self.backup_key(&row).await?,
+        };
+        let client = self.client(&server_row.node_id).await?;
+        // The node's restore this job waits for, known by its start time on the node.
+        let mut started = if job.step.as_deref() == Some(step::RESTORE_REQUESTED) {
+            job.progress["started_at_ms"].as_u64()
+        } else {
+            None
+        };
+        let deadline = Instant::now() + self.backup_timeout;
+        loop {
+            let view = client.backup(server, &row.id).await.map_err(wings_error)?;
+            let ours = view
+                .restore
+                .as_ref()
+                .filter(|r| started.is_some_and(|s| s == r.started_at_ms));
+            match ours {
+                Some(r) if r.state == RestoreState::Complete => break,
+                Some(r) if r.state == RestoreState::Failed => {
+                    return Err(JobError::Permanent(
+                        r.error.clone().unwrap_or_else(|| "the restore failed".into()),
+                    ));
+                }
+                Some(_) => {}
+                // Not asked yet, or the node lost it (a wings restart marks it failed; an
+                // older restore has another start time): ask now.
+                None => {
+                    let asked = match client.restore_backup(server, &row.id, &request).await {
+                        Ok(view) => view.restore.map(|r| r.started_at_ms),
+                        // A restore runs already: ours, if an attempt died before recording
+                        // it (jobs of one server never run side by side).
+                        Err(e) if e.is_conflict() => view
+                            .restore
+                            .filter(|r| r.state == RestoreState::Running)
+                            .map(|r| r.started_at_ms),
+                        Err(e) => return Err(wings_error(e)),
+                    };
+                    let Some(at) = asked else {
+                        return Err(JobError::Retry("the node did not start the restore".into()));
+                    };
+                    ctx.record_step(step::RESTORE_REQUESTED, json!({ "started_at_ms": at }))
+                        .await?;
+                    started = Some(at);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(JobError::Retry(format!(
+                    "the restore was still running after {}s",
+                    self.backup_timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+        self.transition(
+            &row.id,
+            &[backups::STATUS_RESTORING],
+            backups::STATUS_COMPLETED,
+            None,
+        )
+        .await?;
+        // The node stopped the server for the extract and starts it again if it was up:
+        // the server's status follows until it settles, as after a power action.
+        let deadline = Instant::now() + self.install_timeout;
+        loop {
+            let view = client.server(server).await.map_err(wings_error)?;
+            self.set_status(server, status_of(&view)).await?;
+            if !matches!(view.state, ServerState::Starting | ServerState::Stopping)
+                || Instant::now() >= deadline
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    async fn delete_backup(&self, job: &Job, server: &ServerId) -> Result<(), JobError> {
+        let Some((row, server_row)) = self.backup_of(job).await? else {
+            return Ok(());
+        };
+        if row.status != backups::STATUS_DELETING {
+            return Ok(());
+        }
+        let client = self.client(&server_row.node_id).await?;
+        match client.delete_backup(server, &row.id).await {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(wings_error(e)),
+        }
+        let id = BackupId::from_db(row.id);
+        self.db
+            .run(move |conn| backups::remove(conn, &id).map_err(DbError::from))
+            .await?;
+        Ok(())
+    }
+
+    /// A backup job that will not be tried again leaves its backup in `to`, with the error.
+    async fn backup_gave_up(
+        &self,
+        job: &Job,
+        from: &'static [&'static str],
+        to: &'static str,
+        error: &JobError,
+        prefix: &str,
+    ) -> Result<(), JobError> {
+        let Some(backup) = job.payload["backup"].as_str() else {
+            return Ok(());
+        };
+        tracing::warn!(backup, kind = job.kind.as_str(), %error, "backup job gave up");
+        self.transition(backup, from, to, Some(format!("{prefix}{error}")))
+            .await?;
+        Ok(())
     }
 }

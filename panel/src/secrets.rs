@@ -168,6 +168,32 @@ impl SecretBox {
         })
     }
 
+    /// Seals a value kept in a tenant's own row (a backup's key: `owner` = `backup:<id>`)
+    /// under the tenant's data key, so master key rotation covers it like any secret.
+    pub fn seal_for(
+        &self,
+        conn: &mut DbConnection,
+        tenant: &TenantId,
+        owner: &str,
+        value: &str,
+    ) -> Result<String, SecretError> {
+        let key = self.data_key(conn, tenant)?;
+        seal(&key, &format!("field:{tenant}:{owner}"), value.as_bytes())
+    }
+
+    /// Opens what [`SecretBox::seal_for`] sealed for the same tenant and owner.
+    pub fn open_for(
+        &self,
+        conn: &mut DbConnection,
+        tenant: &TenantId,
+        owner: &str,
+        sealed: &str,
+    ) -> Result<String, SecretError> {
+        let key = self.data_key(conn, tenant)?;
+        let plain = open(&key, &format!("field:{tenant}:{owner}"), sealed)?;
+        String::from_utf8(plain).map_err(|_| SecretError::Undecryptable)
+    }
+
     /// Reads the secret `name` of the tenant.
     pub fn get(
         &self,

@@ -394,6 +394,8 @@ pub struct Quota {
     pub max_memory_mb: i64,
     pub max_cpu_percent: i64,
     pub max_disk_mb: i64,
+    /// Backups each server may keep (failed ones do not count).
+    pub max_backups_per_server: i64,
 }
 
 /// An operator's quota for one tenant; `null` fields take the panel's `[quotas]` default.
@@ -408,6 +410,8 @@ pub struct QuotaOverrides {
     pub max_cpu_percent: Option<i64>,
     #[serde(default)]
     pub max_disk_mb: Option<i64>,
+    #[serde(default)]
+    pub max_backups_per_server: Option<i64>,
 }
 
 /// A tenant's quota and what its servers hold now.
@@ -422,7 +426,7 @@ pub struct QuotaUsage {
 
 fn overrides(conn: &mut DbConnection, tenant: &TenantId) -> Result<QuotaOverrides, ApiError> {
     use crate::db::schema::tenants;
-    type Row = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+    type Row = (Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
     let row: Option<Row> = tenants::table
         .find(tenant.as_str())
         .select((
@@ -430,16 +434,18 @@ fn overrides(conn: &mut DbConnection, tenant: &TenantId) -> Result<QuotaOverride
             tenants::max_memory_mb,
             tenants::max_cpu_percent,
             tenants::max_disk_mb,
+            tenants::max_backups_per_server,
         ))
         .first(conn)
         .optional()?;
-    let (max_servers, max_memory_mb, max_cpu_percent, max_disk_mb) =
+    let (max_servers, max_memory_mb, max_cpu_percent, max_disk_mb, max_backups_per_server) =
         row.ok_or_else(|| ApiError::not_found("tenant"))?;
     Ok(QuotaOverrides {
         max_servers,
         max_memory_mb,
         max_cpu_percent,
         max_disk_mb,
+        max_backups_per_server,
     })
 }
 
@@ -449,6 +455,9 @@ fn effective(o: &QuotaOverrides, defaults: &QuotaConfig) -> Quota {
         max_memory_mb: o.max_memory_mb.unwrap_or(defaults.max_memory_mb),
         max_cpu_percent: o.max_cpu_percent.unwrap_or(defaults.max_cpu_percent),
         max_disk_mb: o.max_disk_mb.unwrap_or(defaults.max_disk_mb),
+        max_backups_per_server: o
+            .max_backups_per_server
+            .unwrap_or(defaults.max_backups_per_server),
     }
 }
 
@@ -485,7 +494,7 @@ pub fn quota_usage(
     quota_usage_of(conn, scope.tenant(), defaults)
 }
 
-fn quota_usage_of(
+pub(crate) fn quota_usage_of(
     conn: &mut DbConnection,
     tenant: &TenantId,
     defaults: &QuotaConfig,
@@ -505,7 +514,7 @@ fn quota_usage_of(
 /// write takes the tenant's row lock, on SQLite the database's write lock, so the count and
 /// sums read afterwards include every such change committed before, and none can commit in
 /// between.
-fn lock_quota(conn: &mut DbConnection, tenant: &TenantId) -> Result<(), ApiError> {
+pub(crate) fn lock_quota(conn: &mut DbConnection, tenant: &TenantId) -> Result<(), ApiError> {
     use crate::db::schema::tenants;
     let n = diesel::update(tenants::table.find(tenant.as_str()))
         .set(tenants::quota_seq.eq(tenants::quota_seq + 1))
@@ -571,6 +580,14 @@ pub fn set_quota(
     check_override("max_memory_mb", quota.max_memory_mb)?;
     check_override("max_cpu_percent", quota.max_cpu_percent)?;
     check_override("max_disk_mb", quota.max_disk_mb)?;
+    if let Some(v) = quota.max_backups_per_server
+        && !(0..=1000).contains(&v)
+    {
+        return Err(ApiError::invalid(
+            "max_backups_per_server",
+            "must be between 0 and 1000",
+        ));
+    }
     conn.transaction(|conn| {
         let n = diesel::update(tenants::table.find(tenant.as_str()))
             .set((
@@ -578,6 +595,7 @@ pub fn set_quota(
                 tenants::max_memory_mb.eq(quota.max_memory_mb),
                 tenants::max_cpu_percent.eq(quota.max_cpu_percent),
                 tenants::max_disk_mb.eq(quota.max_disk_mb),
+                tenants::max_backups_per_server.eq(quota.max_backups_per_server),
                 tenants::quota_seq.eq(tenants::quota_seq + 1),
                 tenants::updated_at.eq(now_ms()),
             ))
@@ -686,7 +704,7 @@ pub struct ServerChanges {
     pub variables: Option<BTreeMap<String, String>>,
 }
 
-fn refuse_if_deleting(row: &ServerRow) -> Result<(), ApiError> {
+pub(crate) fn refuse_if_deleting(row: &ServerRow) -> Result<(), ApiError> {
     if row.status == STATUS_DELETING {
         return Err(ApiError::conflict(
             "server_deleting",
@@ -802,7 +820,7 @@ pub fn update(
 
 /// Queues a payload-less job for the server, inside the caller's transaction, and answers
 /// the server as it now is with the job.
-fn queue(
+pub(crate) fn queue(
     conn: &mut DbConnection,
     scope: &TenantScope,
     server: &ServerId,
@@ -827,6 +845,7 @@ pub fn request_delete(
     conn.transaction(|conn| {
         let current = row(conn, scope, server)?;
         refuse_if_deleting(&current)?;
+        crate::backups::refuse_while_restoring(conn, server)?;
         set_status(conn, server, STATUS_DELETING)?;
         audit::record(
             conn,

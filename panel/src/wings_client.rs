@@ -13,8 +13,9 @@ use std::time::Duration;
 use mamba_shared::error::ErrorEnvelope;
 use mamba_shared::ids::ServerId as WingsServerId;
 use mamba_shared::wings_api::{
-    CommandsRequest, CreateServerRequest, DeauthorizeRequest, DenyTokensRequest, LogsResponse, PowerAction,
-    PowerRequest, ResourceStats, ServerUpdated, ServerView, SystemInfo,
+    BackupView, CommandsRequest, CreateBackupRequest, CreateServerRequest, DeauthorizeRequest,
+    DenyTokensRequest, LogsResponse, PowerAction, PowerRequest, ResourceStats, RestoreBackupRequest,
+    ServerUpdated, ServerView, SystemInfo,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -223,6 +224,47 @@ impl WingsClient {
         .await
     }
 
+    /// `POST /api/servers/{id}/backups`: starts a backup (202, `running`). 409 when a backup
+    /// with this id exists already (an earlier attempt started it) or a restore runs.
+    pub async fn create_backup(
+        &self,
+        id: &ServerId,
+        req: &CreateBackupRequest,
+    ) -> Result<BackupView, WingsError> {
+        self.call(
+            Method::POST,
+            &format!("/api/servers/{}/backups", wings_id(id)?),
+            Some(req),
+        )
+        .await
+    }
+
+    /// `GET /api/servers/{id}/backups/{backup}`: its state, size and checksum, and the
+    /// latest restore from it.
+    pub async fn backup(&self, id: &ServerId, backup: &str) -> Result<BackupView, WingsError> {
+        self.call::<(), _>(Method::GET, &backup_path(id, backup, "")?, None)
+            .await
+    }
+
+    /// `POST /api/servers/{id}/backups/{backup}/restore`: verifies and then restores in the
+    /// background (202); [`WingsClient::backup`] shows how it ended.
+    pub async fn restore_backup(
+        &self,
+        id: &ServerId,
+        backup: &str,
+        req: &RestoreBackupRequest,
+    ) -> Result<BackupView, WingsError> {
+        self.call(Method::POST, &backup_path(id, backup, "/restore")?, Some(req))
+            .await
+    }
+
+    /// `DELETE /api/servers/{id}/backups/{backup}`: the archive and its record (a running
+    /// backup is cancelled first). 404 means it is gone already.
+    pub async fn delete_backup(&self, id: &ServerId, backup: &str) -> Result<(), WingsError> {
+        self.call_empty::<()>(Method::DELETE, &backup_path(id, backup, "")?, None)
+            .await
+    }
+
     /// `GET /api/system`: the node's facts.
     pub async fn system(&self) -> Result<SystemInfo, WingsError> {
         self.call::<(), _>(Method::GET, "/api/system", None).await
@@ -278,6 +320,14 @@ impl WingsClient {
 /// Panel server ids are UUIDs, which are always valid wings ids.
 fn wings_id(id: &ServerId) -> Result<WingsServerId, WingsError> {
     WingsServerId::new(id.as_str()).map_err(|e| WingsError::Decode(e.to_string()))
+}
+
+/// Backup ids are the panel's UUIDs; anything else never reaches the node.
+fn backup_path(id: &ServerId, backup: &str, rest: &str) -> Result<String, WingsError> {
+    if backup.is_empty() || !backup.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(WingsError::Decode(format!("{backup:?} is not a backup id")));
+    }
+    Ok(format!("/api/servers/{}/backups/{backup}{rest}", wings_id(id)?))
 }
 
 /// The node's error envelope, or a stand-in naming the status when the body is not one.

@@ -346,4 +346,31 @@ pub struct BackupView {
     pub started_at_ms: u64,
     pub finished_at_ms: Option<u64>,
     pub error: Option<String>,
+    /// The latest restore from this backup, if any was started: how the panel learns that a
+    /// restore it asked for has finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreState {
+    Running,
+    Complete,
+    /// Refused by the verify pass (nothing changed), failed while extracting, or interrupted
+    /// by a wings restart.
+    Failed,
+}
+
+/// The latest restore from a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreView {
+    pub state: RestoreState,
+    pub started_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub truncate: bool,
+    /// Archive entries refused while extracting (absolute paths, `..`, links out of the root).
+    #[serde(default)]
+    pub refused: Vec<String>,
+    pub error: Option<String>,
 }

@@ -88,6 +88,7 @@ diesel::table! {
         max_cpu_percent -> Nullable<BigInt>,
         max_disk_mb -> Nullable<BigInt>,
         quota_seq -> BigInt,
+        max_backups_per_server -> Nullable<BigInt>,
     }
 }
 
@@ -463,3 +464,24 @@ diesel::table! {
 
 diesel::joinable!(user_ssh_keys -> users (user_id));
 diesel::allow_tables_to_appear_in_same_query!(user_ssh_keys, users);
+
+diesel::table! {
+    server_backups (id) {
+        id -> Text,
+        tenant_id -> Text,
+        server_id -> Text,
+        name -> Text,
+        adapter -> Text,
+        ignore_patterns -> Text,
+        status -> Text,
+        size_bytes -> Nullable<BigInt>,
+        sha256 -> Nullable<Text>,
+        sealed_key -> Nullable<Text>,
+        error -> Nullable<Text>,
+        created_at -> BigInt,
+        completed_at -> Nullable<BigInt>,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(server_backups, servers);

@@ -5,6 +5,7 @@
 
 pub(crate) mod account;
 pub mod auth;
+pub(crate) mod backups;
 pub(crate) mod blueprints;
 pub mod extract;
 pub(crate) mod health;

@@ -46,7 +46,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(
                 "/{server}/activity",
                 web::get().to(super::node_api::server_activity),
-            ),
+            )
+            .configure(super::backups::configure),
     )
     .route("/tenants/{tenant}/quota", web::get().to(tenant_quota))
     .route("/admin/tenants/{tenant}/quota", web::put().to(admin_set_quota))

@@ -40,8 +40,12 @@ pub struct PanelWithListener {
 impl PanelWithListener {
     /// Must run inside an actix system (the listener is spawned on it).
     pub fn start(t: &TestDb) -> PanelWithListener {
+        Self::start_with(t, t.config())
+    }
+
+    /// As [`PanelWithListener::start`], with this configuration (the listener's URL is set).
+    pub fn start_with(t: &TestDb, mut config: mamba_panel::config::Config) -> PanelWithListener {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut config = t.config();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("https://{}", listener.local_addr().unwrap());
         config.node_listener.public_url = url.clone();

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use mamba_shared::ids::ServerId;
-use mamba_shared::wings_api::{BackupAdapter, BackupState, BackupView};
+use mamba_shared::wings_api::{BackupAdapter, BackupState, BackupView, RestoreView};
 use serde::{Deserialize, Serialize};
 
 use crate::server::store::write_atomically;
@@ -34,6 +34,9 @@ pub struct BackupRecord {
     /// The S3 multipart upload in progress, so a crash can abort it.
     #[serde(default)]
     pub upload_id: Option<String>,
+    /// The latest restore from this backup.
+    #[serde(default)]
+    pub restore: Option<RestoreView>,
 }
 
 impl BackupRecord {
@@ -52,6 +55,7 @@ impl BackupRecord {
             started_at_ms: self.started_at_ms,
             finished_at_ms: self.finished_at_ms,
             error: self.error.clone(),
+            restore: self.restore.clone(),
         }
     }
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use mamba_shared::ids::ServerId;
 use mamba_shared::wings_api::{
-    BackupAdapter, BackupState, BackupView, CreateBackupRequest, RestoreBackupRequest,
+    BackupAdapter, BackupState, BackupView, CreateBackupRequest, RestoreBackupRequest, RestoreState,
+    RestoreView,
 };
 use object_store::path::Path as ObjectPath;
 use serde_json::json;
@@ -112,6 +113,25 @@ impl Backups {
                 return;
             }
         };
+        for mut record in records
+            .iter()
+            .filter(|r| {
+                r.restore
+                    .as_ref()
+                    .is_some_and(|x| x.state == RestoreState::Running)
+            })
+            .cloned()
+        {
+            tracing::warn!(server.id = %record.server, backup = %record.id, "restore interrupted by a wings restart; marking it failed");
+            if let Some(restore) = record.restore.as_mut() {
+                restore.state = RestoreState::Failed;
+                restore.error = Some("wings stopped while the restore was running".into());
+                restore.finished_at_ms = Some(now_ms());
+            }
+            if let Err(e) = self.records.save(&record) {
+                tracing::error!(backup = %record.id, "cannot save the backup record: {e}");
+            }
+        }
         for mut record in records.into_iter().filter(|r| r.state == BackupState::Running) {
             tracing::warn!(server.id = %record.server, backup = %record.id, "backup interrupted by a wings restart; marking it failed");
             self.clean_up(&record).await;
@@ -236,6 +256,7 @@ impl Backups {
                 finished_at_ms: None,
                 error: None,
                 upload_id: None,
+                restore: None,
             };
             self.records.save(&record).map_err(internal)?;
             record
@@ -449,6 +470,20 @@ impl Backups {
                 return Err(e);
             }
         };
+        let started = RestoreView {
+            state: RestoreState::Running,
+            started_at_ms: now_ms(),
+            finished_at_ms: None,
+            truncate: request.truncate,
+            refused: Vec::new(),
+            error: None,
+        };
+        if let Err(e) = self.set_restore(&record, started.clone()) {
+            lock(&self.restoring).remove(&server.id);
+            return Err(e);
+        }
+        let mut record = record;
+        record.restore = Some(started.clone());
         let this = self.clone();
         let view = record.view();
         tokio::spawn(async move {
@@ -456,6 +491,21 @@ impl Backups {
             let result = this
                 .run_restore(&server, fs, &record, key, &expected, request.truncate)
                 .await;
+            let mut outcome = started;
+            outcome.finished_at_ms = Some(now_ms());
+            match &result {
+                Ok(done) => {
+                    outcome.state = RestoreState::Complete;
+                    outcome.refused = done.refused.clone();
+                }
+                Err(e) => {
+                    outcome.state = RestoreState::Failed;
+                    outcome.error = Some(e.clone());
+                }
+            }
+            if let Err(e) = this.set_restore(&record, outcome) {
+                tracing::error!(backup = %record.id, "cannot record the restore's outcome: {e}");
+            }
             lock(&this.restoring).remove(&server.id);
             let (message, event) = match &result {
                 Ok(done) => {
@@ -484,6 +534,17 @@ impl Backups {
             });
         });
         Ok(view)
+    }
+
+    /// Writes a restore's state into the backup's record; a record deleted meanwhile stays
+    /// deleted.
+    fn set_restore(&self, record: &BackupRecord, restore: RestoreView) -> Result<(), BackupError> {
+        let _guard = lock(&self.record_lock);
+        let Some(mut current) = self.records.load(&record.server, &record.id).map_err(internal)? else {
+            return Ok(());
+        };
+        current.restore = Some(restore);
+        self.records.save(&current).map_err(internal)
     }
 
     async fn run_restore(
