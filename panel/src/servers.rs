@@ -820,7 +820,7 @@ pub fn update(
 
 /// Queues a payload-less job for the server, inside the caller's transaction, and answers
 /// the server as it now is with the job.
-pub(crate) fn queue(
+fn queue(
     conn: &mut DbConnection,
     scope: &TenantScope,
     server: &ServerId,
