@@ -1053,9 +1053,7 @@ async fn commands_and_console_reach_a_real_node() {
     let remove = async {
         // Without the command in the log, nothing is removed and the socket's own output
         // (printed below) says what went wrong.
-        if let Err(lines) = logged(&client, &sid, "[say] helper here").await {
-            return Err(lines);
-        }
+        logged(&client, &sid, "[say] helper here").await?;
         let membership: String = {
             use mamba_panel::db::schema::{memberships, users};
             let mut conn = t.db.get_blocking().unwrap();
@@ -1066,14 +1064,16 @@ async fn commands_and_console_reach_a_real_node() {
                 .first(&mut conn)
                 .unwrap()
         };
-        Ok(call(
-            &svc,
-            Method::DELETE,
-            &format!("/api/v1/tenants/{tenant}/members/{membership}"),
-            &bearer,
-            None,
+        Ok::<_, Vec<String>>(
+            call(
+                &svc,
+                Method::DELETE,
+                &format!("/api/v1/tenants/{tenant}/members/{membership}"),
+                &bearer,
+                None,
+            )
+            .await,
         )
-        .await)
     };
     let ((ok, out), a) = tokio::join!(ws_client(&scenario), remove);
     let a = a.unwrap_or_else(|lines| panic!("the helper's command never arrived: {lines:?}\n{out}"));
