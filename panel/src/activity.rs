@@ -95,7 +95,7 @@ pub fn ingest(
             None => refuse(&mut report, index, e, ActivityRefusal::UnknownServer),
         }
     }
-    let (stored, accepted, unknown) = conn.transaction(|conn| {
+    let (stored, accepted, unknown) = crate::db::transaction(conn, |conn| {
         refuse_foreign_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
         let ids: BTreeSet<&str> = candidates.iter().map(|(_, s, _)| s.as_str()).collect();
         let ids: Vec<&str> = ids.into_iter().collect();

@@ -331,7 +331,7 @@ pub fn add_pools(
     meta: &RequestMeta,
 ) -> Result<Vec<Pool>, ApiError> {
     let checked = check_new_pools(new)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         lock_node(conn, node)?;
         let existing = node_pools(conn, node)?;
         for c in &checked {
@@ -396,7 +396,7 @@ pub fn delete_pool(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<(), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         lock_node(conn, node)?;
         let used: i64 = allocations::table
             .filter(allocations::pool_id.eq(pool.as_str()))
@@ -655,7 +655,7 @@ pub fn reserve_on(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = conn.transaction(|conn| reserve_once(conn, scope, node, request, meta));
+        let result = crate::db::transaction(conn, |conn| reserve_once(conn, scope, node, request, meta));
         match result {
             Err(ReserveError::Db(e)) if is_unique_violation(&e) && attempt < UNIQUE_RETRIES => {
                 tracing::warn!(node.id = %node, attempt, "allocation collided; retrying");
@@ -904,7 +904,7 @@ pub fn reserve_again(
     }
     let mut first_refusal = None;
     for node in candidates {
-        let result = conn.transaction(|conn| {
+        let result = crate::db::transaction(conn, |conn| {
             let chosen = lock_and_pick(conn, &node, &resources, ports)?;
             if node != home {
                 diesel::update(servers::table.find(server.as_str()))
@@ -1082,7 +1082,7 @@ pub fn release_server(
     server: &ServerId,
     meta: &RequestMeta,
 ) -> Result<usize, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let node: Option<String> = servers::table
             .filter(servers::id.eq(server.as_str()))
             .filter(servers::tenant_id.eq(scope.tenant().as_str()))
@@ -1138,7 +1138,7 @@ pub fn remove_server(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<usize, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let tenant: Option<String> = servers::table
             .find(server.as_str())
             .select(servers::tenant_id)
@@ -1183,7 +1183,7 @@ pub fn scan_leaks(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<LeakReport, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let orphaned = diesel::dsl::not(diesel::dsl::exists(
             servers::table.filter(servers::id.eq(allocations::server_id)),
         ));
@@ -1199,8 +1199,8 @@ pub fn scan_leaks(
         if release && !leaked.is_empty() {
             let ids: Vec<&str> = leaked.iter().map(|a| a.id.as_str()).collect();
             for chunk in ids.chunks(500) {
-                released += diesel::delete(allocations::table.filter(allocations::id.eq_any(chunk)))
-                    .execute(conn)?;
+                released +=
+                    diesel::delete(allocations::table.filter(allocations::id.eq_any(chunk))).execute(conn)?;
             }
             audit::record(
                 conn,

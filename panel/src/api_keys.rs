@@ -223,7 +223,7 @@ pub fn create(
 ) -> Result<(ApiKey, String), ApiError> {
     // No escalation: the scopes may not stand for more than the caller holds.
     scope.may_grant(&all_scope_permissions(&new.scopes))?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         // Serialise creations per user so the maximum holds under concurrency.
         if let DbConnection::Postgres(pg) = conn {
             diesel::sql_query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
@@ -304,7 +304,7 @@ pub fn revoke(
     id: &str,
     meta: &RequestMeta,
 ) -> Result<(), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let owner: Option<String> = api_keys::table
             .filter(api_keys::tenant_id.eq(scope.tenant().as_str()))
             .filter(api_keys::id.eq(id))

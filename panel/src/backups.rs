@@ -271,7 +271,7 @@ pub fn create(
         None => default_name(now),
     };
     check_ignore(&new.ignore)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         servers::lock_quota(conn, scope.tenant())?;
         let current = servers::row(conn, scope, server)?;
         servers::refuse_if_deleting(&current)?;
@@ -383,7 +383,7 @@ pub fn request_delete(
     meta: &RequestMeta,
 ) -> Result<BackupQueued, ApiError> {
     scope.require("backup.delete")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let row = scoped_row(conn, scope, server, backup)?;
         match row.status.as_str() {
             STATUS_RESTORING => {
@@ -435,7 +435,7 @@ pub fn request_restore(
     meta: &RequestMeta,
 ) -> Result<BackupQueued, ApiError> {
     scope.require("backup.restore")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let current = servers::row(conn, scope, server)?;
         servers::refuse_if_deleting(&current)?;
         if current.is_suspended() {
@@ -483,7 +483,7 @@ pub fn for_download(
     meta: &RequestMeta,
 ) -> Result<servers::ServerRow, ApiError> {
     scope.require("backup.download")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let server_row = servers::row(conn, scope, server)?;
         let row = scoped_row(conn, scope, server, backup)?;
         if !matches!(row.status.as_str(), STATUS_COMPLETED | STATUS_RESTORING) {

@@ -218,7 +218,7 @@ pub fn import(
     }
     let document = serde_json::to_string(&blueprint).map_err(|e| ApiError::internal(e.to_string()))?;
     let report_json = serde_json::to_string(&report).map_err(|e| ApiError::internal(e.to_string()))?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let exists: i64 = blueprints::table
             .filter(blueprints::slug.eq(&blueprint.slug))
             .count()
@@ -329,7 +329,7 @@ pub fn delete(
             "this blueprint is a file in the blueprints folder; remove the file instead",
         ));
     }
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let n = diesel::delete(blueprints::table.find(slug)).execute(conn)?;
         if n == 0 {
             return Err(ApiError::not_found("blueprint"));

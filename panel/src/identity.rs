@@ -164,7 +164,7 @@ pub fn refresh(
     refresh_ttl_ms: u64,
     meta: &RequestMeta,
 ) -> Result<Refreshed, IdentityError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let now = now_ms();
         let row: Option<(String, String, String, i64, Option<i64>)> = refresh_tokens::table
             .filter(refresh_tokens::token_hash.eq(digest(token)))
@@ -313,7 +313,7 @@ pub struct OpenChallenge {
 /// Counts one attempt on a live challenge and returns it, or `None` when the challenge is
 /// unknown, spent, expired or out of attempts.
 pub fn attempt_challenge(conn: &mut DbConnection, token: &str) -> QueryResult<Option<OpenChallenge>> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let row: Option<(String, String, String)> = login_challenges::table
             .filter(login_challenges::token_hash.eq(digest(token)))
             .filter(login_challenges::used_at.is_null())

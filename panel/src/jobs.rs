@@ -353,7 +353,7 @@ pub fn retry(
     meta: &RequestMeta,
     prepare: impl FnOnce(&mut DbConnection, &Job) -> Result<(), ApiError>,
 ) -> Result<Job, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         // A write first: on SQLite it takes the write lock before anything is read, so a
         // reservation in `prepare` never meets a stale snapshot; on PostgreSQL it locks the
         // job's row, so two retries of one job take turns.

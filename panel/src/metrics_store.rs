@@ -200,7 +200,7 @@ pub fn ingest_batch(
         .into_iter()
         .collect();
 
-    let (accepted, stored, owned_refusals) = conn.transaction(|conn| {
+    let (accepted, stored, owned_refusals) = crate::db::transaction(conn, |conn| {
         take_ingest_gate(conn)?;
         // The servers of this node among those named, with their tenants.
         let mut owned: BTreeMap<String, String> = BTreeMap::new();
@@ -307,7 +307,7 @@ pub struct RollupReport {
 /// hour) that gained samples since it was last computed. Idempotent.
 pub fn rollup(conn: &mut DbConnection, up_to_ms: i64, now_ms: i64) -> Result<RollupReport, DbError> {
     let up_to = hour_of(up_to_ms);
-    let hours = conn.transaction(|conn| {
+    let hours = crate::db::transaction(conn, |conn| {
         // First statement: the gate (the row lock, or SQLite's write lock).
         execute(
             conn,
@@ -350,7 +350,11 @@ pub fn rollup(conn: &mut DbConnection, up_to_ms: i64, now_ms: i64) -> Result<Rol
              AND d.hour_start = metric_hourly.hour_start AND d.hour_start < $1)",
             &[up_to],
         )?;
-        execute(conn, "DELETE FROM metric_dirty_hours WHERE hour_start < $1", &[up_to])?;
+        execute(
+            conn,
+            "DELETE FROM metric_dirty_hours WHERE hour_start < $1",
+            &[up_to],
+        )?;
         Ok::<_, diesel::result::Error>(hours)
     })?;
     Ok(RollupReport { hours })

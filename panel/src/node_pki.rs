@@ -401,7 +401,7 @@ pub fn create_enrollment_token(
 ) -> Result<(EnrollmentToken, i64), NodePkiError> {
     let secret = random_token(32)?;
     let expires_at = now_ms() + i64::try_from(ENROLLMENT_TOKEN_TTL.as_millis()).unwrap_or(i64::MAX);
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         diesel::delete(
             node_enrollment_tokens::table
                 .filter(node_enrollment_tokens::node_id.eq(node_id))
@@ -450,7 +450,7 @@ pub fn enroll(
 ) -> Result<CertificateResponse, NodePkiError> {
     let hash = digest(secret);
     let now = now_ms();
-    let node_id: Option<String> = conn.transaction(|conn| {
+    let node_id: Option<String> = crate::db::transaction(conn, |conn| {
         let row: Option<(String, i64)> = node_enrollment_tokens::table
             .find(&hash)
             .filter(node_enrollment_tokens::used_at.is_null())
@@ -477,7 +477,7 @@ pub fn enroll(
         return Err(NodePkiError::BadToken);
     };
     let cert = pki.sign(csr_pem, &node_id)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         insert_cert(conn, &node_id, &cert)?;
         supersede_others(conn, &node_id, &cert.info.fingerprint)?;
         record(
@@ -523,7 +523,7 @@ pub fn renew(
         return Err(NodePkiError::NotLive);
     }
     let cert = pki.sign(csr_pem, &node_id)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         insert_cert(conn, &node_id, &cert)?;
         supersede_others(conn, &node_id, &cert.info.fingerprint)?;
         record(
@@ -557,7 +557,7 @@ pub fn revoke(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<usize, NodePkiError> {
-    let revoked = conn.transaction(|conn| {
+    let revoked = crate::db::transaction(conn, |conn| {
         let revoked = diesel::update(
             node_certificates::table
                 .filter(node_certificates::node_id.eq(node_id))

@@ -430,7 +430,7 @@ pub fn create(
 ) -> Result<Node, ApiError> {
     let id = NodeId::generate();
     let now = now_ms();
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         diesel::insert_into(nodes::table)
             .values((
                 nodes::id.eq(id.as_str()),
@@ -578,7 +578,7 @@ pub fn update(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<Node, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let node = get(conn, id)?.ok_or_else(|| ApiError::not_found("node"))?;
         if node.status == STATUS_DECOMMISSIONED {
             return Err(ApiError::conflict(
@@ -649,7 +649,7 @@ pub fn decommission(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<Decommissioned, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         // The same lock a reservation takes first, so none is halfway through on this node.
         let locked = diesel::update(nodes::table.find(id.as_str()))
             .set(nodes::reservation_seq.eq(nodes::reservation_seq + 1))
@@ -713,7 +713,7 @@ pub fn delete(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<(), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let node = get(conn, id)?.ok_or_else(|| ApiError::not_found("node"))?;
         if node.status != STATUS_DECOMMISSIONED {
             return Err(ApiError::conflict(

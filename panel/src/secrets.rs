@@ -129,7 +129,7 @@ impl SecretBox {
         value: &str,
         meta: &RequestMeta,
     ) -> Result<(), SecretError> {
-        conn.transaction(|conn| {
+        crate::db::transaction(conn, |conn| {
             let key = self.data_key(conn, scope.tenant())?;
             let sealed = seal(&key, &Self::secret_aad(scope.tenant(), name), value.as_bytes())?;
             let now = now_ms();
@@ -297,7 +297,7 @@ pub fn rotate_master_key(
         let aad = SecretBox::wrap_aad(&tenant);
         let key = open(&old_box.wrapping, &aad, &wrapped)?;
         let rewrapped = seal(&new_box.wrapping, &aad, &key)?;
-        conn.transaction(|conn| {
+        crate::db::transaction(conn, |conn| {
             diesel::update(tenant_keys::table.find(&tenant))
                 .set((
                     tenant_keys::wrapped_key.eq(&rewrapped),

@@ -176,7 +176,7 @@ pub fn update_startup(
     meta: &RequestMeta,
 ) -> Result<Startup, ApiError> {
     scope.require("startup.update")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let (slug, current) = variables(conn, scope, server)?;
         if slug != blueprint.slug {
             return Err(ApiError::conflict(
@@ -588,7 +588,7 @@ pub fn set_quota(
             "must be between 0 and 1000",
         ));
     }
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let n = diesel::update(tenants::table.find(tenant.as_str()))
             .set((
                 tenants::max_servers.eq(quota.max_servers),
@@ -666,7 +666,7 @@ pub fn create_and_install(
     scope.require("server.create")?;
     let image = pick_image(blueprint, new.image.as_deref())?;
     let resources = requested_limits(blueprint, new.limits)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         lock_quota(conn, scope.tenant())?;
         check_quota(conn, scope.tenant(), quotas, 1, &resources)?;
         let placed = create(conn, scope, blueprint, new, meta)?;
@@ -749,7 +749,7 @@ pub fn update(
         Some(l) => Some(requested_limits(blueprint, Some(l))?),
         None => None,
     };
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         if limits.is_some() {
             lock_quota(conn, scope.tenant())?;
         }
@@ -842,7 +842,7 @@ pub fn request_delete(
     meta: &RequestMeta,
 ) -> Result<Queued, ApiError> {
     scope.require("server.delete")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let current = row(conn, scope, server)?;
         refuse_if_deleting(&current)?;
         crate::backups::refuse_while_restoring(conn, server)?;
@@ -932,7 +932,7 @@ pub fn power(
     meta: &RequestMeta,
 ) -> Result<Queued, ApiError> {
     scope.require(action.permission())?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let current = row(conn, scope, server)?;
         refuse_power(&current, action)?;
         audit::record(
@@ -970,7 +970,7 @@ pub fn reinstall(
     meta: &RequestMeta,
 ) -> Result<Queued, ApiError> {
     scope.require("settings.reinstall")?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let current = row(conn, scope, server)?;
         refuse_if_deleting(&current)?;
         if current.is_suspended() {
@@ -1005,7 +1005,7 @@ pub fn reinstall(
 /// stops its capacity counting against the node (`nodes::reserved`), in one transaction
 /// under the node's lock. A server being deleted stays `deleting`. Idempotent.
 pub fn install_gave_up(conn: &mut DbConnection, server: &ServerId) -> Result<usize, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let freed = allocation::release_ports(conn, server)?;
         diesel::update(
             servers::table
@@ -1116,7 +1116,7 @@ pub fn set_suspended(
     meta: &RequestMeta,
 ) -> Result<Suspension, ApiError> {
     use crate::db::schema::memberships;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let current = row_any_tenant(conn, server)?.ok_or_else(|| ApiError::not_found("server"))?;
         let tenant = TenantId::from_db(current.tenant_id.clone());
         let at = if suspend {

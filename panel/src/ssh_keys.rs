@@ -133,7 +133,7 @@ pub fn add(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<SshKey, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let held: i64 = user_ssh_keys::table
             .filter(user_ssh_keys::user_id.eq(user.as_str()))
             .count()
@@ -197,7 +197,7 @@ pub fn delete(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> QueryResult<bool> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let fingerprint: Option<String> = user_ssh_keys::table
             .filter(user_ssh_keys::id.eq(id))
             .filter(user_ssh_keys::user_id.eq(user.as_str()))

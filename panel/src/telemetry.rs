@@ -60,7 +60,7 @@ pub fn record_heartbeat(
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let report = serde_json::to_string(hb).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let previous: Option<String> = nodes::table
             .find(node.as_str())
             .select(nodes::connectivity)
@@ -127,7 +127,7 @@ pub fn mark_silent_nodes_offline(
         .load(conn)?;
     let mut marked = Vec::new();
     for (id, last) in silent {
-        let changed = conn.transaction(|conn| {
+        let changed = crate::db::transaction(conn, |conn| {
             let n = diesel::update(
                 nodes::table
                     .find(&id)
@@ -264,7 +264,7 @@ pub fn ingest_events(
             None => refuse(&mut report, index, e, EventRefusal::UnknownServer),
         }
     }
-    let (stored, accepted, unknown) = conn.transaction(|conn| {
+    let (stored, accepted, unknown) = crate::db::transaction(conn, |conn| {
         refuse_foreign_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
         let ids: BTreeSet<&str> = candidates.iter().map(|(_, s, _)| s.as_str()).collect();
         let ids: Vec<&str> = ids.into_iter().collect();

@@ -129,7 +129,7 @@ pub fn create(
     name: &str,
     meta: &RequestMeta,
 ) -> Result<Tenant, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let id = TenantId::generate();
         let now = now_ms();
         let inserted = diesel::insert_into(tenants::table)
@@ -219,7 +219,7 @@ pub fn admin_update(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<Tenant, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let target = tenants::table.find(tenant.as_str());
         let exists: i64 = target.count().get_result(conn)?;
         if exists == 0 {
@@ -272,7 +272,7 @@ pub fn update(
     changes: &TenantChanges,
     meta: &RequestMeta,
 ) -> Result<Tenant, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let target = tenants::table.find(scope.tenant().as_str());
         if let Some(name) = &changes.name {
             diesel::update(target).set(tenants::name.eq(name)).execute(conn)?;
@@ -400,7 +400,7 @@ pub fn set_member_role(
     role: &str,
     meta: &RequestMeta,
 ) -> Result<Member, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         lock_tenant(conn, scope.tenant())?;
         let member = find_member(conn, scope, id)?.ok_or_else(|| ApiError::not_found("member"))?;
         let new_permissions = resolve_role(conn, scope, role, "role")?;
@@ -440,7 +440,7 @@ pub fn remove_member(
     id: &MembershipId,
     meta: &RequestMeta,
 ) -> Result<UserId, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         lock_tenant(conn, scope.tenant())?;
         let member = find_member(conn, scope, id)?.ok_or_else(|| ApiError::not_found("member"))?;
         let leaving = member.user_id == scope.user().as_str();
@@ -479,7 +479,7 @@ pub fn invite(
     role: &str,
     meta: &RequestMeta,
 ) -> Result<(Invitation, String), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let permissions = resolve_role(conn, scope, role, "role")?;
         scope.may_grant(&permissions)?;
         let already: i64 = memberships::table
@@ -553,7 +553,7 @@ pub fn revoke_invitation(
     id: &InvitationId,
     meta: &RequestMeta,
 ) -> Result<(), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let n = diesel::delete(
             invitations::table
                 .filter(invitations::tenant_id.eq(scope.tenant().as_str()))
@@ -588,7 +588,7 @@ pub fn accept_invitation(
     token: &str,
     meta: &RequestMeta,
 ) -> Result<Tenant, ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let invalid = || ApiError::not_found("invitation");
         let invitation: Invitation = invitations::table
             .filter(invitations::token_hash.eq(digest(token)))
@@ -673,7 +673,7 @@ pub fn create_role(
     meta: &RequestMeta,
 ) -> Result<Role, ApiError> {
     scope.may_grant(permissions)?;
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let id = RoleId::generate();
         let inserted = diesel::insert_into(roles::table)
             .values((
@@ -719,7 +719,7 @@ pub fn delete_role(
     id: &RoleId,
     meta: &RequestMeta,
 ) -> Result<(), ApiError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let permissions = role_permissions(conn, scope.tenant(), id.as_str())?
             .ok_or_else(|| ApiError::not_found("role"))?;
         scope.may_grant(&permissions)?;

@@ -105,7 +105,7 @@ pub fn create(
     actor: &Actor,
     meta: &RequestMeta,
 ) -> Result<User, CreateUserError> {
-    conn.transaction(|conn| {
+    crate::db::transaction(conn, |conn| {
         let id = UserId::generate();
         let now = now_ms();
         let inserted = diesel::insert_into(users::table)

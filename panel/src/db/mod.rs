@@ -250,6 +250,44 @@ impl Db {
     }
 }
 
+/// Runs `f` in a transaction, as `Connection::transaction` does, except that on SQLite the
+/// outermost one begins `IMMEDIATE`. A deferred SQLite transaction that reads first and
+/// writes later fails at its first write with `SQLITE_BUSY` whenever another connection
+/// wrote in between (its WAL snapshot is stale), without waiting for `busy_timeout`: a
+/// request racing a node's metrics or activity would answer 500. `IMMEDIATE` takes the write
+/// lock up front, waiting for it. Nested calls are savepoints, as usual. Every panel
+/// transaction goes through here.
+pub fn transaction<T, E, F>(conn: &mut DbConnection, f: F) -> Result<T, E>
+where
+    F: FnOnce(&mut DbConnection) -> Result<T, E>,
+    E: From<diesel::result::Error>,
+{
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let DbConnection::Sqlite(sqlite) = conn else {
+        return conn.transaction(f);
+    };
+    if AnsiTransactionManager::transaction_manager_status_mut(sqlite)
+        .transaction_depth()?
+        .is_some()
+    {
+        return conn.transaction(f);
+    }
+    AnsiTransactionManager::begin_transaction_sql(&mut *sqlite, "BEGIN IMMEDIATE")?;
+    let outcome = f(conn);
+    match (outcome, conn) {
+        (Ok(value), DbConnection::Sqlite(sqlite)) => {
+            AnsiTransactionManager::commit_transaction(sqlite)?;
+            Ok(value)
+        }
+        (Err(e), DbConnection::Sqlite(sqlite)) => {
+            AnsiTransactionManager::rollback_transaction(sqlite)?;
+            Err(e)
+        }
+        // The backend of a connection never changes.
+        (outcome, DbConnection::Postgres(_)) => outcome,
+    }
+}
+
 /// Milliseconds since the Unix epoch: how every timestamp is stored (the same on both
 /// backends, and sortable).
 pub fn now_ms() -> i64 {

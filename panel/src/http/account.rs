@@ -54,8 +54,7 @@ pub(crate) async fn two_factor_setup(
     state
         .db
         .run(move |conn| -> Result<(), ApiError> {
-            use diesel::Connection;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 identity::begin_totp(conn, &sealer, &id, &stored).map_err(map_identity)?;
                 audit::record(
                     conn,
@@ -100,8 +99,7 @@ pub(crate) async fn two_factor_enable(
     let codes = state
         .db
         .run(move |conn| -> Result<Option<Vec<String>>, ApiError> {
-            use diesel::Connection;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 if !identity::accept_totp(conn, &sealer, &auth.user, &body.code).map_err(map_identity)? {
                     return Ok(None);
                 }
@@ -134,8 +132,7 @@ pub(crate) async fn two_factor_disable(
     let done = state
         .db
         .run(move |conn| -> Result<bool, ApiError> {
-            use diesel::Connection;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 let id = auth.user_id();
                 let ok = identity::accept_totp(conn, &sealer, &auth.user, &body.code)
                     .map_err(map_identity)?
@@ -278,7 +275,7 @@ pub(crate) async fn confirm_email_change(
             use crate::db::schema::users as u;
             let invalid = || ApiError::new(StatusCode::BAD_REQUEST, "invalid_token", "the link is not valid");
             let (old, new) = claims.binding.split_once(" -> ").ok_or_else(invalid)?;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 let id = crate::ids::UserId::from_db(claims.user.clone());
                 // Bound to the old address: once used (or after another change) it is dead.
                 users::find(conn, &id)?

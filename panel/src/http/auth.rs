@@ -225,7 +225,7 @@ pub(crate) async fn verify_email(
             use diesel::prelude::*;
 
             use crate::db::schema::users as u;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 let id = UserId::from_db(claims.user.clone());
                 let user = users::find(conn, &id)?
                     .filter(|u| u.email == claims.binding)
@@ -360,8 +360,7 @@ async fn finish_login(
             let session = state
                 .db
                 .run(move |conn| {
-                    use diesel::Connection;
-                    conn.transaction(|conn| {
+                    crate::db::transaction(conn, |conn| {
                         let session = identity::create_session(conn, &id, &meta, session_ms)?;
                         audit::record(
                             conn,
@@ -400,8 +399,7 @@ async fn finish_login(
             let pair = state
                 .db
                 .run(move |conn| {
-                    use diesel::Connection;
-                    conn.transaction(|conn| {
+                    crate::db::transaction(conn, |conn| {
                         let pair = identity::issue_tokens(conn, &id, None, refresh_ms)?;
                         audit::record(
                             conn,
@@ -480,8 +478,7 @@ pub(crate) async fn login_two_factor(
     let accepted = state
         .db
         .run(move |conn| -> Result<bool, ApiError> {
-            use diesel::Connection;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 let ok = match (&body.code, &body.recovery_code) {
                     (Some(code), _) => {
                         identity::accept_totp(conn, &sealer, &challenge.user, code).map_err(internal)?
@@ -551,8 +548,7 @@ pub(crate) async fn logout(
     state
         .db
         .run(move |conn| -> Result<(), ApiError> {
-            use diesel::Connection;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 match &via {
                     AuthVia::Session { token } => {
                         identity::delete_session(conn, token)?;
@@ -677,7 +673,7 @@ pub(crate) async fn confirm_password_reset(
             let hash = hasher
                 .hash(&body.password)
                 .map_err(|e| ApiError::internal(e.to_string()))?;
-            conn.transaction(|conn| {
+            crate::db::transaction(conn, |conn| {
                 let id = UserId::from_db(claims.user.clone());
                 let user = users::find(conn, &id)?
                     .filter(|u| password_binding(&u.password_hash) == claims.binding)
