@@ -10,8 +10,6 @@
 //! here: they are in the tenant's audit log (`audit`), written in the transaction of the
 //! change. This table holds what only the node sees (ADR 0013).
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use diesel::prelude::*;
 use mamba_shared::activity::{
     ActivityEntry, ActivityRefusal, ActivityReport, MAX_ACTIVITY_ACTOR_CHARS, MAX_ACTIVITY_EVENT_CHARS,
@@ -25,7 +23,7 @@ use crate::db::{DbConnection, DbError};
 use crate::error::ApiError;
 use crate::ids::{NodeId, ServerId};
 use crate::pagination::{Page, PageRequest};
-use crate::telemetry::refuse_foreign_servers;
+use crate::telemetry::tenants_of_own_servers;
 
 /// Longest event prefix a tenant may filter by.
 const MAX_PREFIX_CHARS: usize = 64;
@@ -96,18 +94,7 @@ pub fn ingest(
         }
     }
     let (stored, accepted, unknown) = crate::db::transaction(conn, |conn| {
-        refuse_foreign_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
-        let ids: BTreeSet<&str> = candidates.iter().map(|(_, s, _)| s.as_str()).collect();
-        let ids: Vec<&str> = ids.into_iter().collect();
-        let mut owned: BTreeMap<String, String> = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            let rows: Vec<(String, String)> = servers::table
-                .filter(servers::id.eq_any(chunk))
-                .filter(servers::node_id.eq(node.as_str()))
-                .select((servers::id, servers::tenant_id))
-                .load(conn)?;
-            owned.extend(rows);
-        }
+        let owned = tenants_of_own_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
         let mut unknown = Vec::new();
         let mut rows = Vec::new();
         for (index, server, e) in &candidates {

@@ -207,6 +207,28 @@ pub fn refuse_foreign_servers<'a>(
     Ok(())
 }
 
+/// The tenant of each of `ids` that is a server of `node` (server id → tenant id), after
+/// the 403 of [`refuse_foreign_servers`]; ids that are no server are simply absent.
+pub fn tenants_of_own_servers<'a>(
+    conn: &mut DbConnection,
+    node: &NodeId,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<BTreeMap<String, String>, ApiError> {
+    let ids: BTreeSet<&str> = ids.into_iter().collect();
+    refuse_foreign_servers(conn, node, ids.iter().copied())?;
+    let ids: Vec<&str> = ids.into_iter().collect();
+    let mut owned = BTreeMap::new();
+    for chunk in ids.chunks(500) {
+        let rows: Vec<(String, String)> = servers::table
+            .filter(servers::id.eq_any(chunk))
+            .filter(servers::node_id.eq(node.as_str()))
+            .select((servers::id, servers::tenant_id))
+            .load(conn)?;
+        owned.extend(rows);
+    }
+    Ok(owned)
+}
+
 #[derive(Insertable)]
 #[diesel(table_name = server_events)]
 struct EventRow {
@@ -265,18 +287,7 @@ pub fn ingest_events(
         }
     }
     let (stored, accepted, unknown) = crate::db::transaction(conn, |conn| {
-        refuse_foreign_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
-        let ids: BTreeSet<&str> = candidates.iter().map(|(_, s, _)| s.as_str()).collect();
-        let ids: Vec<&str> = ids.into_iter().collect();
-        let mut owned: BTreeMap<String, String> = BTreeMap::new();
-        for chunk in ids.chunks(500) {
-            let rows: Vec<(String, String)> = servers::table
-                .filter(servers::id.eq_any(chunk))
-                .filter(servers::node_id.eq(node.as_str()))
-                .select((servers::id, servers::tenant_id))
-                .load(conn)?;
-            owned.extend(rows);
-        }
+        let owned = tenants_of_own_servers(conn, node, candidates.iter().map(|(_, s, _)| s.as_str()))?;
         let mut unknown = Vec::new();
         let mut rows = Vec::new();
         for (index, server, e) in &candidates {
