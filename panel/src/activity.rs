@@ -116,19 +116,7 @@ pub fn ingest(
                 received_at: now_ms,
             });
         }
-        let mut stored = 0usize;
-        for row in &rows {
-            stored += match conn {
-                DbConnection::Postgres(c) => diesel::insert_into(server_activity::table)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(c)?,
-                DbConnection::Sqlite(c) => diesel::insert_into(server_activity::table)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(c)?,
-            };
-        }
+        let stored = crate::db::insert_ignoring_conflicts!(conn, server_activity::table, rows);
         Ok::<_, ApiError>((stored, rows.len(), unknown))
     })?;
     for index in unknown {

@@ -45,8 +45,6 @@ pub const HOUR_MS: i64 = 3_600_000;
 pub const MAX_BATCH: usize = 10_000;
 /// How far ahead of the panel's clock a sample may be (clock skew between hosts).
 pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
-/// Rows per INSERT statement: 10 columns each stays far below both backends' bind limits.
-const INSERT_CHUNK: usize = 500;
 
 /// How long raw samples are kept. The same horizon bounds how late a sample may arrive
 /// (and so how long wings may buffer), because duplicates are recognised only while the
@@ -102,35 +100,6 @@ struct SampleRow {
 struct DirtyRow {
     server_id: String,
     hour_start: i64,
-}
-
-/// Inserts `rows` into `table`, skipping rows whose key is already there; evaluates to the
-/// number inserted. PostgreSQL takes multi-row statements; diesel builds those for SQLite
-/// only without `ON CONFLICT`, and SQLite runs in-process, so there each row is one
-/// (cached, prepared) statement inside the caller's transaction.
-macro_rules! insert_ignoring_conflicts {
-    ($conn:expr, $table:expr, $rows:expr) => {{
-        let mut inserted = 0usize;
-        match $conn {
-            DbConnection::Postgres(c) => {
-                for chunk in $rows.chunks(INSERT_CHUNK) {
-                    inserted += diesel::insert_into($table)
-                        .values(chunk)
-                        .on_conflict_do_nothing()
-                        .execute(c)?;
-                }
-            }
-            DbConnection::Sqlite(c) => {
-                for row in &$rows {
-                    inserted += diesel::insert_into($table)
-                        .values(row)
-                        .on_conflict_do_nothing()
-                        .execute(c)?;
-                }
-            }
-        }
-        inserted
-    }};
 }
 
 fn value(v: u64) -> Option<i64> {
@@ -204,7 +173,7 @@ pub fn ingest_batch(
         take_ingest_gate(conn)?;
         // The servers of this node among those named, with their tenants.
         let mut owned: BTreeMap<String, String> = BTreeMap::new();
-        for chunk in ids.chunks(INSERT_CHUNK) {
+        for chunk in ids.chunks(crate::db::INSERT_CHUNK) {
             let rows: Vec<(String, String)> = servers::table
                 .filter(servers::node_id.eq(node.as_str()))
                 .filter(servers::id.eq_any(chunk))
@@ -237,7 +206,7 @@ pub fn ingest_batch(
         // Key order, so two transactions inserting the same keys (a batch and its
         // re-delivery) wait for each other instead of deadlocking.
         rows.sort_by(|a, b| (&a.server_id, a.sampled_at).cmp(&(&b.server_id, b.sampled_at)));
-        let stored = insert_ignoring_conflicts!(conn, metric_samples::table, rows);
+        let stored = crate::db::insert_ignoring_conflicts!(conn, metric_samples::table, rows);
         if stored > 0 {
             let dirty: Vec<DirtyRow> = dirty
                 .into_iter()
@@ -246,7 +215,7 @@ pub fn ingest_batch(
                     hour_start,
                 })
                 .collect();
-            insert_ignoring_conflicts!(conn, metric_dirty_hours::table, dirty);
+            crate::db::insert_ignoring_conflicts!(conn, metric_dirty_hours::table, dirty);
         }
         Ok::<_, diesel::result::Error>((rows.len(), stored, refusals))
     })?;

@@ -311,19 +311,7 @@ pub fn ingest_events(
                 notify_next_at: now_ms,
             });
         }
-        let mut stored = 0usize;
-        for row in &rows {
-            stored += match conn {
-                DbConnection::Postgres(c) => diesel::insert_into(server_events::table)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(c)?,
-                DbConnection::Sqlite(c) => diesel::insert_into(server_events::table)
-                    .values(row)
-                    .on_conflict_do_nothing()
-                    .execute(c)?,
-            };
-        }
+        let stored = crate::db::insert_ignoring_conflicts!(conn, server_events::table, rows);
         Ok::<_, ApiError>((stored, rows.len(), unknown))
     })?;
     for index in unknown {

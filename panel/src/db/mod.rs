@@ -250,6 +250,40 @@ impl Db {
     }
 }
 
+/// Rows per multi-row INSERT of [`insert_ignoring_conflicts`]: up to 100 columns a row stays
+/// below PostgreSQL's 65,535 bind parameters.
+pub const INSERT_CHUNK: usize = 500;
+
+/// Inserts `rows` into `table`, skipping rows whose key is already there; evaluates to the
+/// number inserted. PostgreSQL takes multi-row statements; diesel builds those for SQLite
+/// only without `ON CONFLICT`, and SQLite runs in-process, so there each row is one
+/// (cached, prepared) statement inside the caller's transaction.
+macro_rules! insert_ignoring_conflicts {
+    ($conn:expr, $table:expr, $rows:expr) => {{
+        let mut inserted = 0usize;
+        match $conn {
+            $crate::db::DbConnection::Postgres(c) => {
+                for chunk in $rows.chunks($crate::db::INSERT_CHUNK) {
+                    inserted += diesel::RunQueryDsl::execute(
+                        diesel::insert_into($table).values(chunk).on_conflict_do_nothing(),
+                        c,
+                    )?;
+                }
+            }
+            $crate::db::DbConnection::Sqlite(c) => {
+                for row in &$rows {
+                    inserted += diesel::RunQueryDsl::execute(
+                        diesel::insert_into($table).values(row).on_conflict_do_nothing(),
+                        c,
+                    )?;
+                }
+            }
+        }
+        inserted
+    }};
+}
+pub(crate) use insert_ignoring_conflicts;
+
 /// Runs `f` in a transaction, as `Connection::transaction` does, except that on SQLite the
 /// outermost one begins `IMMEDIATE`. A deferred SQLite transaction that reads first and
 /// writes later fails at its first write with `SQLITE_BUSY` whenever another connection
