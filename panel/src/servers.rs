@@ -195,17 +195,13 @@ pub fn update_startup(
             servers::updated_at.eq(now_ms()),
         ))
         .execute(conn)?;
-        audit::record(
+        record_action(
             conn,
-            scope.actor(),
+            scope,
+            server,
+            "server.startup_update",
+            json!({ "changed": given.keys().collect::<Vec<_>>() }),
             meta,
-            Event {
-                tenant: Some(scope.tenant()),
-                action: "server.startup_update",
-                resource_type: "server",
-                resource_id: Some(server.to_string()),
-                metadata: json!({ "changed": given.keys().collect::<Vec<_>>() }),
-            },
         )?;
         Ok(Startup { variables: checked })
     })
@@ -798,21 +794,17 @@ pub fn update(
                 servers::updated_at.eq(now_ms()),
             ))
             .execute(conn)?;
-        audit::record(
+        record_action(
             conn,
-            scope.actor(),
+            scope,
+            server,
+            "server.update",
+            json!({
+                "name": name,
+                "limits": changes.limits,
+                "variables": changes.variables.as_ref().map(|v| v.keys().collect::<Vec<_>>()),
+            }),
             meta,
-            Event {
-                tenant: Some(scope.tenant()),
-                action: "server.update",
-                resource_type: "server",
-                resource_id: Some(server.to_string()),
-                metadata: json!({
-                    "name": name,
-                    "limits": changes.limits,
-                    "variables": changes.variables.as_ref().map(|v| v.keys().collect::<Vec<_>>()),
-                }),
-            },
         )?;
         queue(conn, scope, server, JobKind::ServerUpdate)
     })
@@ -847,17 +839,13 @@ pub fn request_delete(
         refuse_if_deleting(&current)?;
         crate::backups::refuse_while_restoring(conn, server)?;
         set_status(conn, server, STATUS_DELETING)?;
-        audit::record(
+        record_action(
             conn,
-            scope.actor(),
+            scope,
+            server,
+            "server.delete_request",
+            json!({ "name": current.name }),
             meta,
-            Event {
-                tenant: Some(scope.tenant()),
-                action: "server.delete_request",
-                resource_type: "server",
-                resource_id: Some(server.to_string()),
-                metadata: json!({ "name": current.name }),
-            },
         )?;
         queue(conn, scope, server, JobKind::ServerDelete)
     })
@@ -935,17 +923,13 @@ pub fn power(
     crate::db::transaction(conn, |conn| {
         let current = row(conn, scope, server)?;
         refuse_power(&current, action)?;
-        audit::record(
+        record_action(
             conn,
-            scope.actor(),
+            scope,
+            server,
+            "server.power",
+            json!({ "action": action.as_str() }),
             meta,
-            Event {
-                tenant: Some(scope.tenant()),
-                action: "server.power",
-                resource_type: "server",
-                resource_id: Some(server.to_string()),
-                metadata: json!({ "action": action.as_str() }),
-            },
         )?;
         let job = jobs::enqueue(
             conn,
@@ -984,18 +968,7 @@ pub fn reinstall(
             ));
         }
         set_status(conn, server, STATUS_INSTALLING)?;
-        audit::record(
-            conn,
-            scope.actor(),
-            meta,
-            Event {
-                tenant: Some(scope.tenant()),
-                action: "server.reinstall",
-                resource_type: "server",
-                resource_id: Some(server.to_string()),
-                metadata: json!({}),
-            },
-        )?;
+        record_action(conn, scope, server, "server.reinstall", json!({}), meta)?;
         queue(conn, scope, server, JobKind::ServerReinstall)
     })
 }
@@ -1067,8 +1040,8 @@ pub fn retry_job(
     })
 }
 
-/// Records an action that changes nothing in the database (console commands, console
-/// tokens) in the audit log.
+/// Records an action on a server in the tenant's audit log; call it inside the transaction
+/// of the change, if there is one (console commands and tokens change nothing).
 pub fn record_action(
     conn: &mut DbConnection,
     scope: &TenantScope,
