@@ -11,10 +11,10 @@ use std::sync::mpsc;
 
 use super::crypto::{BackupKey, OpenReader, SealWriter};
 
-/// Counts and hashes every byte that passes through.
+/// Counts and (unless only counting) hashes every byte that passes through.
 struct Digesting<T> {
     inner: T,
-    hash: ring::digest::Context,
+    hash: Option<ring::digest::Context>,
     bytes: u64,
 }
 
@@ -22,27 +22,45 @@ impl<T> Digesting<T> {
     fn new(inner: T) -> Self {
         Digesting {
             inner,
-            hash: ring::digest::Context::new(&ring::digest::SHA256),
+            hash: Some(ring::digest::Context::new(&ring::digest::SHA256)),
             bytes: 0,
         }
     }
 
+    fn counting(inner: T) -> Self {
+        Digesting {
+            inner,
+            hash: None,
+            bytes: 0,
+        }
+    }
+
+    /// The size, and the SHA-256 when hashing (empty when only counting).
     fn summary(self) -> (T, Digest) {
         (
             self.inner,
             Digest {
                 size: self.bytes,
-                sha256: hex::encode(self.hash.finish().as_ref()),
+                sha256: self
+                    .hash
+                    .map(|h| hex::encode(h.finish().as_ref()))
+                    .unwrap_or_default(),
             },
         )
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if let Some(hash) = &mut self.hash {
+            hash.update(data);
+        }
+        self.bytes += data.len() as u64;
     }
 }
 
 impl<W: Write> Write for Digesting<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
-        self.hash.update(&data[..n]);
-        self.bytes += n as u64;
+        self.update(&data[..n]);
         Ok(n)
     }
 
@@ -54,8 +72,7 @@ impl<W: Write> Write for Digesting<W> {
 impl<R: Read> Read for Digesting<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(out)?;
-        self.hash.update(&out[..n]);
-        self.bytes += n as u64;
+        self.update(&out[..n]);
         Ok(n)
     }
 }
@@ -384,7 +401,7 @@ pub fn verify(source: impl Read, key: Option<&BackupKey>, expected: &Digest) -> 
         }
     }
     let (_, digest) = digesting.summary();
-    check_digest(&digest, expected)
+    check_digest(&digest, expected, Recheck::Sha256)
 }
 
 /// Reads `source` to its end in large pieces (`io::copy` would read 8 KiB at a time).
@@ -400,7 +417,27 @@ fn drain(source: &mut impl Read) -> io::Result<()> {
     }
 }
 
-fn check_digest(actual: &Digest, expected: &Digest) -> io::Result<()> {
+/// What extraction checks of the stored stream, besides zstd's frame checksum and (when
+/// encrypted) every chunk's tag, which are always checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recheck {
+    /// Size and SHA-256 against the record: for bytes fetched again from the store.
+    Sha256,
+    /// Size only: for the very file the verify pass read, still open, so its bytes are the
+    /// ones whose SHA-256 was just checked.
+    SizeOnly,
+}
+
+/// What reading a stored archive needs and checks: its key when encrypted, the size and
+/// SHA-256 recorded, and how much of that to check again.
+#[derive(Clone, Copy)]
+pub struct ArchiveCheck<'a> {
+    pub key: Option<&'a BackupKey>,
+    pub expected: &'a Digest,
+    pub recheck: Recheck,
+}
+
+fn check_digest(actual: &Digest, expected: &Digest, recheck: Recheck) -> io::Result<()> {
     if actual.size != expected.size {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -410,7 +447,7 @@ fn check_digest(actual: &Digest, expected: &Digest) -> io::Result<()> {
             ),
         ));
     }
-    if actual.sha256 != expected.sha256 {
+    if recheck == Recheck::Sha256 && actual.sha256 != expected.sha256 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "the archive's SHA-256 does not match the record",
@@ -444,9 +481,10 @@ const READ_BUFFER: usize = 1 << 20;
 const TAR_READ_BUFFER: usize = 64 * 1024;
 
 /// Reads an archive's entries; [`ArchiveReader::finish`] reads whatever is left and checks the
-/// whole stream's size and SHA-256.
+/// whole stream's size and, with [`Recheck::Sha256`], its SHA-256.
 pub struct ArchiveReader<R: Read> {
     tar: tar::Archive<Decompressor<R>>,
+    recheck: Recheck,
 }
 
 /// One entry, as extraction sees it: a checked relative path and what to make there.
@@ -464,8 +502,11 @@ pub enum EntryKind {
 }
 
 impl<R: Read> ArchiveReader<R> {
-    pub fn new(source: R, key: Option<&BackupKey>) -> io::Result<ArchiveReader<R>> {
-        let digesting = Digesting::new(source);
+    pub fn new(source: R, key: Option<&BackupKey>, recheck: Recheck) -> io::Result<ArchiveReader<R>> {
+        let digesting = match recheck {
+            Recheck::Sha256 => Digesting::new(source),
+            Recheck::SizeOnly => Digesting::counting(source),
+        };
         let opening = match key {
             Some(key) => Opening::Opened(Box::new(OpenReader::new(digesting, key)?)),
             None => Opening::Plain(digesting),
@@ -473,6 +514,7 @@ impl<R: Read> ArchiveReader<R> {
         let zstd = zstd::stream::read::Decoder::new(opening)?;
         Ok(ArchiveReader {
             tar: tar::Archive::new(io::BufReader::with_capacity(TAR_READ_BUFFER, zstd)),
+            recheck,
         })
     }
 
@@ -520,6 +562,7 @@ impl<R: Read> ArchiveReader<R> {
     /// Reads to the end of the stored stream (also past the tar end marker) and checks it
     /// against `expected`.
     pub fn finish(self, expected: &Digest) -> io::Result<()> {
+        let recheck = self.recheck;
         let mut buffered = self.tar.into_inner();
         drain(&mut buffered)?;
         let zstd = buffered.into_inner();
@@ -531,7 +574,7 @@ impl<R: Read> ArchiveReader<R> {
         };
         drain(&mut digesting)?;
         let (_, digest) = digesting.summary();
-        check_digest(&digest, expected)
+        check_digest(&digest, expected, recheck)
     }
 }
 
@@ -677,7 +720,16 @@ mod tests {
         key: Option<&BackupKey>,
         digest: &Digest,
     ) -> io::Result<Vec<(String, EntryKind, Vec<u8>)>> {
-        let mut reader = ArchiveReader::new(bytes, key)?;
+        read_checked(bytes, key, digest, Recheck::Sha256)
+    }
+
+    fn read_checked(
+        bytes: &[u8],
+        key: Option<&BackupKey>,
+        digest: &Digest,
+        recheck: Recheck,
+    ) -> io::Result<Vec<(String, EntryKind, Vec<u8>)>> {
+        let mut reader = ArchiveReader::new(bytes, key, recheck)?;
         let mut seen = Vec::new();
         reader.for_each(|path, kind, _mode, _mtime, data| {
             let mut content = Vec::new();
@@ -734,6 +786,12 @@ mod tests {
             longer.push(0);
             assert!(verify(&longer[..], key.as_ref(), &digest).is_err());
             assert!(read_all(&longer, key.as_ref(), &digest).is_err());
+            // Reading the verified file again checks no SHA-256, but a changed byte still
+            // fails zstd's frame checksum or the chunk's tag, and a changed length the size.
+            for changed in [&bad[..], cut, &longer[..]] {
+                let read = read_checked(changed, key.as_ref(), &digest, Recheck::SizeOnly);
+                assert!(read.is_err(), "encrypted: {}", key.is_some());
+            }
         }
         // The right archive with the wrong key, or no key, is refused.
         let (bytes, digest) = build(Some(key()));

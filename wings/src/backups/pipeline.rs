@@ -3,8 +3,9 @@
 //!
 //! - backup: walk (blocking thread) → tar → zstd → [seal] → SHA-256 → parts → bounded
 //!   channel → uploader (part uploads in parallel) → complete → size check against the store;
-//! - restore: download → SHA-256 [+ tags] (verify pass) → download the same version again →
-//!   [open] → zstd → tar → extract through the jail (with the server stopped, by the caller).
+//! - restore: download → SHA-256 [+ tags] (verify pass) → read the verified file again, or
+//!   download the same version again and re-hash it → [open] → zstd → tar → extract through
+//!   the jail (with the server stopped, by the caller).
 
 use std::time::Duration;
 
@@ -15,8 +16,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::crypto::BackupKey;
-use super::format::{Digest, IgnoreList, WriteOptions};
-use super::store::{PartWriter, Stores, Upload};
+use super::format::{ArchiveCheck, Digest, IgnoreList, Recheck, WriteOptions};
+use super::store::{ArchiveSource, PartWriter, Stores, Upload};
 use super::tree::{self, Extracted, Progress};
 use crate::files::ServerFs;
 
@@ -125,33 +126,49 @@ async fn abort(upload: &mut Upload) {
     }
 }
 
+/// What the verify pass read, for the extract pass to read again.
+#[derive(Debug)]
+pub struct Verified {
+    /// The version read, so a download for the extract pass can insist on it.
+    etag: Option<String>,
+    /// A local archive's file, kept open: the extract pass reads these very bytes again
+    /// rather than opening the path, which could since name another file.
+    pinned: Option<std::fs::File>,
+}
+
 /// The verify pass: reads the whole stored object, checking its size, SHA-256 and (when
-/// encrypted) every chunk's tag. Answers the ETag it read, so the extract pass can insist on
-/// the same version.
+/// encrypted) every chunk's tag.
 pub async fn verify(
     stores: &Stores,
     adapter: BackupAdapter,
     path: &ObjectPath,
     key: Option<BackupKey>,
     expected: &Digest,
-) -> Result<Option<String>, String> {
+) -> Result<Verified, String> {
     let (etag, reader) = stores
         .reader(adapter, path, None)
         .await
         .map_err(|e| e.to_string())?;
+    let pinned = match &reader {
+        ArchiveSource::File(file) => Some(
+            file.try_clone()
+                .map_err(|e| format!("cannot keep the archive open: {e}"))?,
+        ),
+        ArchiveSource::Stream(_) => None,
+    };
     let expected = expected.clone();
     tokio::task::spawn_blocking(move || super::format::verify(reader, key.as_ref(), &expected))
         .await
         .map_err(|e| format!("verify task: {e}"))?
         .map_err(|e| format!("the archive failed verification: {e}"))?;
-    Ok(etag)
+    Ok(Verified { etag, pinned })
 }
 
 pub struct ExtractJob {
     pub adapter: BackupAdapter,
     pub path: ObjectPath,
-    /// The version the verify pass read.
-    pub etag: Option<String>,
+    /// What the verify pass read.
+    pub verified: Verified,
     pub fs: ServerFs,
     pub key: Option<BackupKey>,
     pub expected: Digest,
@@ -166,10 +183,23 @@ pub async fn extract(
     progress: impl FnMut(u64, u64) + Send + 'static,
     cancel: &CancellationToken,
 ) -> Result<Extracted, String> {
-    let (_, reader) = stores
-        .reader(job.adapter, &job.path, job.etag)
-        .await
-        .map_err(|e| format!("the archive changed since it was verified: {e}"))?;
+    // The file the verify pass hashed is read again from its start through the same open
+    // handle, so hashing it again would only re-check bytes already checked; size, zstd's
+    // frame checksum and the tags are still checked. A download is hashed again.
+    let (reader, recheck) = match job.verified.pinned {
+        Some(mut file) => {
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(0))
+                .map_err(|e| format!("cannot read the archive again: {e}"))?;
+            (ArchiveSource::File(file), Recheck::SizeOnly)
+        }
+        None => {
+            let (_, reader) = stores
+                .reader(job.adapter, &job.path, job.verified.etag)
+                .await
+                .map_err(|e| format!("the archive changed since it was verified: {e}"))?;
+            (reader, Recheck::Sha256)
+        }
+    };
     let cancel = cancel.clone();
     let ExtractJob {
         fs,
@@ -187,8 +217,11 @@ pub async fn extract(
         tree::extract(
             &fs,
             reader,
-            key.as_ref(),
-            &expected,
+            ArchiveCheck {
+                key: key.as_ref(),
+                expected: &expected,
+                recheck,
+            },
             truncate,
             &cancel,
             &mut progress,
@@ -197,4 +230,82 @@ pub async fn extract(
     .await
     .map_err(|e| format!("restore task: {e}"))?
     .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackupsConfig;
+
+    fn server_fs(dir: &std::path::Path) -> ServerFs {
+        let uid = rustix::process::getuid().as_raw();
+        let gid = rustix::process::getgid().as_raw();
+        ServerFs::open_root(dir, uid, gid, u64::MAX, &[]).unwrap()
+    }
+
+    async fn back_up(stores: &Stores, root: &std::path::Path, id: &str) -> (ObjectPath, Digest) {
+        let path = stores.object_path(BackupAdapter::Local, "s", id);
+        let job = BackupJob {
+            adapter: BackupAdapter::Local,
+            path: path.clone(),
+            fs: server_fs(root),
+            ignore: IgnoreList::default(),
+            options: WriteOptions {
+                level: 3,
+                threads: 0,
+                key: None,
+            },
+            progress_interval: Duration::from_secs(3600),
+        };
+        let archived = backup(stores, job, |_| Ok(()), |_, _| {}, &CancellationToken::new())
+            .await
+            .unwrap();
+        (path, archived.digest)
+    }
+
+    /// Once verified, a local archive is read again through the handle the verify pass
+    /// opened: an archive put in its place afterwards is not what gets extracted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn extraction_reads_the_very_file_that_was_verified() {
+        let data = tempfile::tempdir().unwrap();
+        let config = BackupsConfig {
+            local_dir: data.path().join("store").display().to_string(),
+            ..BackupsConfig::default()
+        };
+        let stores = Stores::new(&config, data.path()).unwrap();
+        let (genuine, other) = (data.path().join("genuine"), data.path().join("other"));
+        for (dir, content) in [(&genuine, "genuine"), (&other, "swapped in")] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("server.properties"), content).unwrap();
+        }
+        let (path, digest) = back_up(&stores, &genuine, "a").await;
+        let (other_path, _) = back_up(&stores, &other, "b").await;
+
+        let verified = verify(&stores, BackupAdapter::Local, &path, None, &digest)
+            .await
+            .unwrap();
+        let store_dir = data.path().join("store");
+        std::fs::rename(store_dir.join(other_path.as_ref()), store_dir.join(path.as_ref())).unwrap();
+
+        let dest = data.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let job = ExtractJob {
+            adapter: BackupAdapter::Local,
+            path,
+            verified,
+            fs: server_fs(&dest),
+            key: None,
+            expected: digest,
+            truncate: true,
+            progress_interval: Duration::from_secs(3600),
+        };
+        let done = extract(&stores, job, |_, _| {}, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(done.files, 1);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("server.properties")).unwrap(),
+            "genuine"
+        );
+    }
 }

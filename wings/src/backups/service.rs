@@ -562,13 +562,13 @@ impl Backups {
             .daemon(&format!("Verifying backup {} before restoring it", record.id));
         // Pass 1, with the server still running: nothing is touched unless the whole
         // archive checks out.
-        let etag = pipeline::verify(&self.stores, record.adapter, &path, key.clone(), expected)
+        let verified = pipeline::verify(&self.stores, record.adapter, &path, key.clone(), expected)
             .await
             .map_err(|e| format!("{e}; nothing was changed"))?;
         let job = ExtractJob {
             adapter: record.adapter,
             path,
-            etag,
+            verified,
             fs,
             key,
             expected: expected.clone(),

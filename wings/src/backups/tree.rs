@@ -10,8 +10,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio_util::sync::CancellationToken;
 
-use super::crypto::BackupKey;
-use super::format::{ArchiveReader, ArchiveWriter, Digest, EntryKind, IgnoreList, WriteOptions};
+use super::format::{
+    ArchiveCheck, ArchiveReader, ArchiveWriter, Digest, EntryKind, IgnoreList, WriteOptions,
+};
 use crate::files::{EntryKind as FsKind, FsError, FsFile, ServerFs, TreeWriter};
 
 /// Buffer for reading a file into the archive and writing one out of it.
@@ -345,16 +346,15 @@ fn lane(path: &str, kind: &EntryKind, lanes: usize) -> usize {
 }
 
 /// The decoding half of a restore: opens, decompresses and parses the archive, sending each
-/// entry to its writer, then checks the whole stream against `expected`.
+/// entry to its writer, then checks the whole stream as `check` says.
 fn decode(
     source: impl Read,
-    key: Option<&BackupKey>,
-    expected: &Digest,
+    check: ArchiveCheck<'_>,
     lanes: &mut [Lane],
     cancel: &CancellationToken,
     mut tick: impl FnMut(),
 ) -> io::Result<()> {
-    let mut reader = ArchiveReader::new(source, key)?;
+    let mut reader = ArchiveReader::new(source, check.key, check.recheck)?;
     let count = lanes.len();
     reader.for_each(|path, kind, mode, mtime, data| {
         if cancel.is_cancelled() {
@@ -391,13 +391,13 @@ fn decode(
     for lane in lanes.iter_mut() {
         lane.send()?;
     }
-    reader.finish(expected)
+    reader.finish(check.expected)
 }
 
 /// Extracts an archive into the server root through the jail. `fresh` says the root was
 /// just emptied, so nothing needs clearing first. Bytes written count against the quota;
 /// an entry that would escape the root, or is a hard link or device, is refused and listed.
-/// The stream's checksum is checked at the end (the verify pass already checked it once).
+/// The stream is checked at the end as `check` says (the verify pass already checked it once).
 ///
 /// The archive is decoded on this thread while writer threads create the files. Into an
 /// emptied root, [`WRITERS`] threads fill different folders at once; otherwise one writer
@@ -405,8 +405,7 @@ fn decode(
 pub fn extract(
     fs: &ServerFs,
     source: impl Read,
-    key: Option<&BackupKey>,
-    expected: &Digest,
+    check: ArchiveCheck<'_>,
     fresh: bool,
     cancel: &CancellationToken,
     progress: &mut Progress<impl FnMut(u64, u64)>,
@@ -436,7 +435,7 @@ pub fn extract(
                 bytes: 0,
             });
         }
-        let decoded = decode(source, key, expected, &mut lanes, cancel, || {
+        let decoded = decode(source, check, &mut lanes, cancel, || {
             progress.tick(
                 counts.files.load(Ordering::Relaxed),
                 counts.bytes.load(Ordering::Relaxed),
@@ -500,7 +499,7 @@ fn refuse(refused: &mut Vec<String>, path: &str, why: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backups::format::WriteOptions;
+    use crate::backups::format::{Recheck, WriteOptions};
 
     fn digest_of(bytes: &[u8]) -> Digest {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -555,8 +554,11 @@ mod tests {
         let done = extract(
             &fs,
             &bytes[..],
-            None,
-            &digest_of(&bytes),
+            ArchiveCheck {
+                key: None,
+                expected: &digest_of(&bytes),
+                recheck: Recheck::Sha256,
+            },
             true,
             &CancellationToken::new(),
             &mut quiet(),
@@ -612,8 +614,11 @@ mod tests {
         extract(
             &fs,
             &written.sink[..],
-            None,
-            &written.digest,
+            ArchiveCheck {
+                key: None,
+                expected: &written.digest,
+                recheck: Recheck::Sha256,
+            },
             false,
             &CancellationToken::new(),
             &mut quiet(),
@@ -641,8 +646,11 @@ mod tests {
         let err = extract(
             &fs,
             &written.sink[..],
-            None,
-            &written.digest,
+            ArchiveCheck {
+                key: None,
+                expected: &written.digest,
+                recheck: Recheck::Sha256,
+            },
             true,
             &CancellationToken::new(),
             &mut quiet(),
