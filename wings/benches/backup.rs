@@ -8,16 +8,16 @@
 //!   `gzip -d | tar -x` and `zstd -d | tar -x`.
 //!
 //! Rounds alternate the tools; each figure is the median of the rounds. Every restore goes
-//! into a new folder and restored copies are removed only after the last round: on ext4
-//! without a journal, files created within a minute of many deletions are slowed by the
-//! allocator skipping each recently deleted inode, which would measure the previous round's
-//! cleanup rather than the tools. Run from the
+//! into a new folder and, on a disk, restored copies are removed only after the last round:
+//! on ext4 without a journal, files created within minutes of many deletions are slowed by
+//! the allocator skipping each recently deleted inode, which would measure the previous
+//! round's cleanup rather than the tools. Run from the
 //! repository root (needs `tar`, `gzip`, `zstd`):
 //!     cargo bench -p mamba-wings --bench backup            (or scripts/bench/backup.sh)
 //! Env: BENCH_DIR (default: a temporary folder under /var/tmp), BENCH_ROUNDS (default 3),
 //! BENCH_KEEP=1 (reuse the folder an earlier run generated in BENCH_DIR), BENCH_ONLY=wings
-//! (one wings backup and restore, with their CPU times, for profiling).
-//! Prints a Markdown report on stdout.
+//! (only wings' backups and restores, with their CPU times, for profiling).
+//! Prints a Markdown report on stdout, and every run's time on stderr.
 
 #![allow(
     clippy::unwrap_used,
@@ -153,12 +153,12 @@ fn make_server(root: &Path) -> (u64, u64) {
     (files, bytes)
 }
 
-/// User and system CPU seconds of this process so far.
-fn cpu_times() -> (f64, f64) {
+/// User and system CPU seconds and minor page faults of this process so far.
+fn cpu_times() -> (f64, f64, u64) {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
     let tick = |i: usize| fields[i].parse::<f64>().unwrap() / 100.0;
-    (tick(11), tick(12))
+    (tick(11), tick(12), fields[7].parse().unwrap())
 }
 
 fn count(dir: &Path) -> (u64, u64) {
@@ -190,10 +190,13 @@ fn fresh(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
 }
 
-/// New, empty folders to restore into, none reused or deleted while the bench measures.
+/// New, empty folders to restore into, none reused. On a disk nothing is deleted while the
+/// bench measures; on tmpfs, where the restored copies take memory and deleting costs
+/// creates nothing, each is removed before the next one is made.
 struct RestoreDirs {
     dir: PathBuf,
     made: usize,
+    in_memory: bool,
 }
 
 impl RestoreDirs {
@@ -209,10 +212,19 @@ impl RestoreDirs {
             std::fs::rename(&dir, base.join(format!("old-restores-{nanos}"))).unwrap();
         }
         std::fs::create_dir_all(&dir).unwrap();
-        RestoreDirs { dir, made: 0 }
+        const TMPFS_MAGIC: u64 = 0x0102_1994;
+        let in_memory = u64::try_from(rustix::fs::statfs(&dir).unwrap().f_type).ok() == Some(TMPFS_MAGIC);
+        RestoreDirs {
+            dir,
+            made: 0,
+            in_memory,
+        }
     }
 
     fn next(&mut self) -> PathBuf {
+        if self.in_memory && self.made > 0 {
+            std::fs::remove_dir_all(self.dir.join(self.made.to_string())).unwrap();
+        }
         self.made += 1;
         let dest = self.dir.join(self.made.to_string());
         std::fs::create_dir(&dest).unwrap();
@@ -358,29 +370,35 @@ fn main() {
     let zst = out.join("server.tar.zst");
     let src_s = src.display().to_string();
     let mut digest = None;
-    // BENCH_ONLY=wings: only wings' backup and restore, once each, with timings on stderr
-    // (for profiling under strace or valgrind).
+    // BENCH_ONLY=wings: only wings' backups and restores, BENCH_ROUNDS of each in this one
+    // process, with timings on stderr (for profiling under strace, perf or valgrind).
     if std::env::var("BENCH_ONLY").as_deref() == Ok("wings") {
-        let cpu = cpu_times();
-        let (took, d) = runtime.block_on(ours.backup(&src, "only"));
-        let after = cpu_times();
-        eprintln!(
-            "wings backup: {:.2} s, cpu user {:.2} s sys {:.2} s",
-            took.as_secs_f64(),
-            after.0 - cpu.0,
-            after.1 - cpu.1
-        );
-        let dest = restores.next();
-        sync();
-        let cpu = cpu_times();
-        let took = runtime.block_on(ours.restore("only", &d, &dest));
-        let after = cpu_times();
-        eprintln!(
-            "wings restore: {:.2} s, cpu user {:.2} s sys {:.2} s",
-            took.as_secs_f64(),
-            after.0 - cpu.0,
-            after.1 - cpu.1
-        );
+        for _ in 0..rounds {
+            let id = "only".to_string();
+            let cpu = cpu_times();
+            let (took, d) = runtime.block_on(ours.backup(&src, &id));
+            let after = cpu_times();
+            eprintln!(
+                "wings backup: {:.2} s, cpu user {:.2} s sys {:.2} s, {} page faults",
+                took.as_secs_f64(),
+                after.0 - cpu.0,
+                after.1 - cpu.1,
+                after.2 - cpu.2
+            );
+            let dest = restores.next();
+            sync();
+            let cpu = cpu_times();
+            let took = runtime.block_on(ours.restore(&id, &d, &dest));
+            let after = cpu_times();
+            eprintln!(
+                "wings restore: {:.2} s, cpu user {:.2} s sys {:.2} s, {} page faults",
+                took.as_secs_f64(),
+                after.0 - cpu.0,
+                after.1 - cpu.1,
+                after.2 - cpu.2
+            );
+            sync();
+        }
         RestoreDirs::remove_all(&base);
         return;
     }
@@ -390,7 +408,8 @@ fn main() {
         for turn in 0..4 {
             match (turn + round) % 4 {
                 0 => {
-                    let id = format!("r{round}");
+                    // One name every round, replaced each time, as the CLIs replace theirs.
+                    let id = "wings".to_string();
                     let (took, d) = runtime.block_on(ours.backup(&src, &id));
                     b_ours.push(took);
                     digest = Some((id, d));
@@ -430,6 +449,18 @@ fn main() {
     let (id, _) = digest.unwrap();
     let ours_size = size(&ours.archive(&id));
     let (gz_size, zst_size) = (size(&gz), size(&zst));
+    for (name, runs) in [
+        ("backup, wings", &b_ours),
+        ("backup, tar | gzip -1", &b_gzip),
+        ("backup, tar | zstd -T0", &b_zstd),
+        ("backup, tar | zstd -T0 then sync", &b_zstd_sync),
+        ("restore, wings", &r_ours),
+        ("restore, gzip -d | tar -x", &r_gzip),
+        ("restore, zstd -d | tar -x", &r_zstd),
+    ] {
+        let times: Vec<String> = runs.iter().map(|d| format!("{:.2}", d.as_secs_f64())).collect();
+        eprintln!("{name}: {} s", times.join(", "));
+    }
     let (bo, bg, bz, bzs) = (
         median(b_ours),
         median(b_gzip),

@@ -4,10 +4,15 @@
 //! S3 uploads use the low-level multipart API (`MultipartStore`), so the upload id can be
 //! saved in the backup's record before the first part is sent; after a crash, wings aborts
 //! that upload by id and no parts are left behind. Local uploads go to a staging file
-//! (`<name>#<n>`) that is renamed into place on completion; a crash leaves only that file,
-//! which the startup sweep removes.
+//! (`<name>#<n>`, named as object_store names its own) that is renamed into place on
+//! completion; a crash leaves only that file, which the startup sweep removes. Wings writes
+//! local parts itself rather than through `LocalFileSystem::put_multipart`, so that each part
+//! reaches the disk while later ones are still being compressed: object_store writes parts
+//! into the page cache and flushes the whole archive at completion.
 
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -37,6 +42,7 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct Stores {
     local: Arc<LocalFileSystem>,
+    local_dir: PathBuf,
     s3: Option<Arc<AmazonS3>>,
     s3_prefix: String,
     part_size: usize,
@@ -51,7 +57,7 @@ pub struct Upload {
 }
 
 enum Target {
-    Local(Box<dyn object_store::MultipartUpload>),
+    Local(LocalUpload),
     S3 {
         store: Arc<AmazonS3>,
         path: ObjectPath,
@@ -97,14 +103,14 @@ impl Upload {
                         let idx = next;
                         next += 1;
                         done.push(None);
-                        let payload = PutPayload::from(bytes);
                         match &mut self.target {
                             Target::Local(u) => {
-                                let fut = u.put_part(payload);
-                                in_flight.spawn(async move { (idx, fut.await.map(|()| None)) });
+                                let write = u.put_part(bytes);
+                                in_flight.spawn(async move { (idx, write.await.map(|()| None)) });
                             }
                             Target::S3 { store, path, id } => {
                                 let (store, path, id) = (store.clone(), path.clone(), id.clone());
+                                let payload = PutPayload::from(bytes);
                                 in_flight.spawn(async move {
                                     (idx, store.put_part(&path, &id, idx, payload).await.map(Some))
                                 });
@@ -119,7 +125,7 @@ impl Upload {
 
     pub async fn complete(&mut self, parts: Vec<PartId>) -> Result<(), StoreError> {
         match &mut self.target {
-            Target::Local(u) => u.complete().await.map(|_| ())?,
+            Target::Local(u) => u.complete().await?,
             Target::S3 { store, path, id } => store.complete_multipart(path, id, parts).await.map(|_| ())?,
         }
         Ok(())
@@ -131,10 +137,107 @@ impl Upload {
             return Ok(());
         }
         match &mut self.target {
-            Target::Local(u) => u.abort().await?,
+            Target::Local(u) => u.abort().await,
             Target::S3 { store, path, id } => store.abort_multipart(path, id).await?,
         }
         Ok(())
+    }
+}
+
+/// A local upload: parts written at their offsets into a staging file beside the object,
+/// each flushed to disk by its own task as soon as it is written. The fsync before
+/// completion then waits only for the last parts, and a disk slower than compression holds
+/// the backup back (through the bounded parts in flight) instead of filling the page cache.
+struct LocalUpload {
+    file: Arc<std::fs::File>,
+    staging: PathBuf,
+    dest: PathBuf,
+    offset: u64,
+    finished: bool,
+}
+
+impl LocalUpload {
+    fn create(dest: PathBuf) -> Result<LocalUpload, StoreError> {
+        let failed = |e: io::Error| StoreError::Other(format!("{}: {e}", dest.display()));
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(failed)?;
+        }
+        for n in 1u32.. {
+            let mut staging = dest.clone().into_os_string();
+            staging.push(format!("#{n}"));
+            let staging = PathBuf::from(staging);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+            {
+                Ok(file) => {
+                    return Ok(LocalUpload {
+                        file: Arc::new(file),
+                        staging,
+                        dest,
+                        offset: 0,
+                        finished: false,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Err(StoreError::Other(format!(
+            "{}: no free staging name",
+            dest.display()
+        )))
+    }
+
+    fn put_part(&mut self, bytes: Bytes) -> impl Future<Output = Result<(), object_store::Error>> + use<> {
+        let offset = self.offset;
+        self.offset += bytes.len() as u64;
+        let file = self.file.clone();
+        let write = tokio::task::spawn_blocking(move || {
+            file.write_all_at(&bytes, offset)?;
+            file.sync_data()
+        });
+        async move {
+            write
+                .await
+                .map_err(io::Error::other)
+                .and_then(|written| written)
+                .map_err(|source| object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(source),
+                })
+        }
+    }
+
+    async fn complete(&mut self) -> Result<(), StoreError> {
+        self.finished = true;
+        let (file, staging, dest) = (self.file.clone(), self.staging.clone(), self.dest.clone());
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()?;
+            std::fs::rename(&staging, &dest)?;
+            match dest.parent() {
+                Some(parent) => std::fs::File::open(parent)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Other(format!("completing task: {e}")))?
+        .map_err(|e| StoreError::Other(format!("{}: {e}", self.dest.display())))
+    }
+
+    async fn abort(&mut self) {
+        self.finished = true;
+        let staging = self.staging.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(staging)).await;
+    }
+}
+
+impl Drop for LocalUpload {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.staging);
+        }
     }
 }
 
@@ -150,6 +253,7 @@ impl Stores {
         };
         Ok(Stores {
             local: Arc::new(local),
+            local_dir: dir,
             s3,
             s3_prefix: config.s3.prefix.clone(),
             part_size: usize::try_from(config.part_size_mb).unwrap_or(16) << 20,
@@ -188,7 +292,14 @@ impl Stores {
     /// ([`Upload::s3_id`]), so the caller can record it before sending anything.
     pub async fn begin(&self, adapter: BackupAdapter, path: &ObjectPath) -> Result<Upload, StoreError> {
         let target = match adapter {
-            BackupAdapter::Local => Target::Local(self.local.put_multipart(path).await?),
+            BackupAdapter::Local => {
+                let dest = self.local_dir.join(path.as_ref());
+                Target::Local(
+                    tokio::task::spawn_blocking(move || LocalUpload::create(dest))
+                        .await
+                        .map_err(|e| StoreError::Other(format!("staging task: {e}")))??,
+                )
+            }
             BackupAdapter::S3 => {
                 let store = self.s3.clone().ok_or(StoreError::NotConfigured)?;
                 let id = store.create_multipart(path).await?;
