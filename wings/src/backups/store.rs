@@ -229,7 +229,12 @@ impl LocalUpload {
     async fn abort(&mut self) {
         self.finished = true;
         let staging = self.staging.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(staging)).await;
+        let removed = tokio::task::spawn_blocking(move || std::fs::remove_file(staging)).await;
+        if let Ok(Err(e)) = removed
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(staging = %self.staging.display(), "cannot remove the staging file: {e}");
+        }
     }
 }
 
