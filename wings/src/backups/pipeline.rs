@@ -263,6 +263,65 @@ mod tests {
         (path, archived.digest)
     }
 
+    /// Parts written straight to the disk and a short last part through the page cache make
+    /// one archive whose bytes hash to the recorded SHA-256 and restore whole.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_archive_of_many_parts_is_whole() {
+        let data = tempfile::tempdir().unwrap();
+        let config = BackupsConfig {
+            local_dir: data.path().join("store").display().to_string(),
+            part_size_mb: 1,
+            ..BackupsConfig::default()
+        };
+        let stores = Stores::new(&config, data.path()).unwrap();
+        let src = data.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        // Incompressible, so the archive spans several 1 MiB parts and ends part-way.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..3_500_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()[0]
+            })
+            .collect();
+        std::fs::write(src.join("region.mca"), &noise).unwrap();
+        let (path, digest) = back_up(&stores, &src, "parts").await;
+        assert!(digest.size > 3 << 20, "{}", digest.size);
+
+        let stored = std::fs::read(data.path().join("store").join(path.as_ref())).unwrap();
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&stored);
+        assert_eq!(stored.len() as u64, digest.size);
+        assert_eq!(hex::encode(ctx.finish().as_ref()), digest.sha256);
+        let left: Vec<_> = std::fs::read_dir(data.path().join("store/s"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "only the archive, no staging file: {left:?}");
+
+        let verified = verify(&stores, BackupAdapter::Local, &path, None, &digest)
+            .await
+            .unwrap();
+        let dest = data.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let job = ExtractJob {
+            adapter: BackupAdapter::Local,
+            path,
+            verified,
+            fs: server_fs(&dest),
+            key: None,
+            expected: digest,
+            truncate: true,
+            progress_interval: Duration::from_secs(3600),
+        };
+        extract(&stores, job, |_, _| {}, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(std::fs::read(dest.join("region.mca")).unwrap() == noise);
+    }
+
     /// Once verified, a local archive is read again through the handle the verify pass
     /// opened: an archive put in its place afterwards is not what gets extracted.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
