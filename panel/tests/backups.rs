@@ -95,48 +95,6 @@ where
     (bearer, a.body["id"].as_str().unwrap().to_string())
 }
 
-/// A new user in `tenant` with a built-in `role`; answers its bearer.
-async fn member<S, B>(svc: &S, t: &TestDb, tenant: &str, email: &str, role: &str) -> String
-where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
-    B: actix_web::body::MessageBody,
-{
-    use mamba_panel::db::schema::{memberships, users};
-    let bearer = common::login_new_user(svc, t, email, PASSWORD, false, IP).await;
-    let mut conn = t.db.get_blocking().unwrap();
-    let user: String = users::table
-        .filter(users::email.eq(email))
-        .select(users::id)
-        .first(&mut conn)
-        .unwrap();
-    diesel::insert_into(memberships::table)
-        .values((
-            memberships::id.eq(uuid::Uuid::now_v7().to_string()),
-            memberships::tenant_id.eq(tenant),
-            memberships::user_id.eq(user),
-            memberships::role.eq(role),
-            memberships::created_at.eq(0i64),
-        ))
-        .execute(&mut conn)
-        .unwrap();
-    bearer
-}
-
-fn audit_count(t: &TestDb, action: &str, resource: &str) -> i64 {
-    use mamba_panel::db::schema::audit_log;
-    let mut conn = t.db.get_blocking().unwrap();
-    audit_log::table
-        .filter(audit_log::action.eq(action))
-        .filter(audit_log::resource_id.eq(resource))
-        .count()
-        .get_result(&mut conn)
-        .unwrap()
-}
-
 fn add_pool(t: &TestDb, node: &NodeId, port: u16) {
     let mut conn = t.db.get_blocking().unwrap();
     allocation::add_pools(
@@ -250,7 +208,14 @@ async fn backups_through_the_panel_with_a_real_node(t: TestDb) {
 
     let (bearer, tenant) = owner(&svc, &t, "backupowner@example.test").await;
     let (other, other_tenant) = owner(&svc, &t, "stranger@example.test").await;
-    let support = member(&svc, &t, &tenant, "support@example.test", "SUPPORT").await;
+    let support = common::new_member(
+        &svc,
+        &t,
+        ("support@example.test", PASSWORD, IP),
+        &tenant,
+        "SUPPORT",
+    )
+    .await;
     add_pool(&t, &wings.node.id, free_port());
 
     // One server, installed and started by the jobs worker.
@@ -316,7 +281,7 @@ async fn backups_through_the_panel_with_a_real_node(t: TestDb) {
     assert_eq!(a.body["backup"]["encrypted"], true);
     assert!(a.body["job"].is_string());
     let first = a.body["backup"]["id"].as_str().unwrap().to_string();
-    assert_eq!(audit_count(&t, "backup.create", &first), 1);
+    assert_eq!(common::audit_entries(&t, "backup.create", &first), 1);
     let done = wait_for!("the backup to complete", {
         let a = call(&svc, Method::GET, &format!("{base}/{first}"), &bearer, None).await;
         assert_eq!(a.status, StatusCode::OK, "{a:?}");
@@ -391,7 +356,7 @@ async fn backups_through_the_panel_with_a_real_node(t: TestDb) {
         "http://127.0.0.1:{}/download/backup?token=",
         wings.public_port
     )));
-    assert_eq!(audit_count(&t, "backup.download", &first), 1);
+    assert_eq!(common::audit_entries(&t, "backup.download", &first), 1);
     let plain = reqwest::Client::builder().no_proxy().build().unwrap();
     let r = plain.get(&url).send().await.unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::OK);
@@ -420,7 +385,7 @@ async fn backups_through_the_panel_with_a_real_node(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     assert_eq!(a.body["backup"]["status"], "restoring");
-    assert_eq!(audit_count(&t, "backup.restore", &first), 1);
+    assert_eq!(common::audit_entries(&t, "backup.restore", &first), 1);
     let a = call(&svc, Method::DELETE, &server_url, &bearer, None).await;
     assert_eq!(a.status, StatusCode::CONFLICT, "{a:?}");
     assert_eq!(a.body["error"]["code"], "backup_restoring");
@@ -496,7 +461,7 @@ async fn backups_through_the_panel_with_a_real_node(t: TestDb) {
     let a = call(&svc, Method::DELETE, &format!("{base}/{first}"), &bearer, None).await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     assert_eq!(a.body["backup"]["status"], "deleting");
-    assert_eq!(audit_count(&t, "backup.delete", &first), 1);
+    assert_eq!(common::audit_entries(&t, "backup.delete", &first), 1);
     wait_for!("the backup to be deleted", {
         let a = call(&svc, Method::GET, &format!("{base}/{first}"), &bearer, None).await;
         (a.status == StatusCode::NOT_FOUND).then_some(())

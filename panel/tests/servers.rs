@@ -153,48 +153,6 @@ where
     (bearer, a.body["id"].as_str().unwrap().to_string())
 }
 
-/// Adds a new user to `tenant` with `role` straight in the database; answers its bearer.
-async fn member<S, B>(svc: &S, t: &TestDb, tenant: &str, email: &str, role: &str) -> String
-where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
-    B: actix_web::body::MessageBody,
-{
-    use mamba_panel::db::schema::{memberships, users};
-    let bearer = common::login_new_user(svc, t, email, PASSWORD, false, IP).await;
-    let mut conn = t.db.get_blocking().unwrap();
-    let user: String = users::table
-        .filter(users::email.eq(email))
-        .select(users::id)
-        .first(&mut conn)
-        .unwrap();
-    diesel::insert_into(memberships::table)
-        .values((
-            memberships::id.eq(uuid::Uuid::now_v7().to_string()),
-            memberships::tenant_id.eq(tenant),
-            memberships::user_id.eq(user),
-            memberships::role.eq(role),
-            memberships::created_at.eq(0i64),
-        ))
-        .execute(&mut conn)
-        .unwrap();
-    bearer
-}
-
-fn audit_count(t: &TestDb, action: &str, resource: &str) -> i64 {
-    use mamba_panel::db::schema::audit_log;
-    let mut conn = t.db.get_blocking().unwrap();
-    audit_log::table
-        .filter(audit_log::action.eq(action))
-        .filter(audit_log::resource_id.eq(resource))
-        .count()
-        .get_result(&mut conn)
-        .unwrap()
-}
-
 fn set_status(t: &TestDb, server: &str, status: &str) {
     use mamba_panel::db::schema::servers;
     let mut conn = t.db.get_blocking().unwrap();
@@ -268,7 +226,7 @@ async fn create_list_get_update_and_delete(t: TestDb) {
     assert_eq!(a.body["allocations"].as_array().unwrap().len(), 1);
     assert_eq!(a.body["allocations"][0]["port"], 30000);
     assert!(a.body["job"].is_string());
-    assert_eq!(audit_count(&t, "server.create", &first), 1);
+    assert_eq!(common::audit_entries(&t, "server.create", &first), 1);
 
     let a = call(
         &svc,
@@ -380,7 +338,7 @@ async fn create_list_get_update_and_delete(t: TestDb) {
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     assert_eq!(a.body["server"]["name"], "renamed");
     assert_eq!(a.body["server"]["limits"]["memory_mb"], 128);
-    assert_eq!(audit_count(&t, "server.update", &first), 1);
+    assert_eq!(common::audit_entries(&t, "server.update", &first), 1);
     let a = call(&svc, Method::GET, &format!("{base}/{first}"), &bearer, None).await;
     assert_eq!(a.body["variables"]["GREETING"], "hello again");
     assert!(jobs_of(&a.body).contains("server_update"), "{}", a.body);
@@ -411,7 +369,7 @@ async fn create_list_get_update_and_delete(t: TestDb) {
     assert_eq!(a.status, StatusCode::CONFLICT, "{a:?}");
     let a = call(&svc, Method::GET, &format!("{base}/{second}"), &bearer, None).await;
     assert!(jobs_of(&a.body).contains("server_delete"), "{}", a.body);
-    assert_eq!(audit_count(&t, "server.delete_request", &second), 1);
+    assert_eq!(common::audit_entries(&t, "server.delete_request", &second), 1);
     // Nothing can be done to a server being deleted.
     let a = call(
         &svc,
@@ -476,7 +434,7 @@ async fn power_reinstall_and_suspension(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     assert!(a.body["job"].is_string());
-    assert_eq!(audit_count(&t, "server.power", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.power", &id), 1);
     let a = call(&svc, Method::GET, &format!("{base}/{id}"), &bearer, None).await;
     assert!(jobs_of(&a.body).contains("server_power"), "{}", a.body);
 
@@ -514,7 +472,7 @@ async fn power_reinstall_and_suspension(t: TestDb) {
     // A stop was queued; the node (unreachable here) could not confirm closing sockets.
     assert!(a.body["job"].is_string());
     assert_eq!(a.body["sockets_closed"], false);
-    assert_eq!(audit_count(&t, "server.suspend", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.suspend", &id), 1);
     let a = call(
         &svc,
         Method::POST,
@@ -580,7 +538,7 @@ async fn power_reinstall_and_suspension(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     assert!(a.body["server"]["suspended_at"].is_null());
-    assert_eq!(audit_count(&t, "server.unsuspend", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.unsuspend", &id), 1);
     set_status(&t, &id, "offline");
     let a = call(
         &svc,
@@ -603,7 +561,7 @@ async fn power_reinstall_and_suspension(t: TestDb) {
     .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
     assert_eq!(a.body["server"]["status"], "installing");
-    assert_eq!(audit_count(&t, "server.reinstall", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.reinstall", &id), 1);
     let a = call(&svc, Method::GET, &format!("{base}/{id}"), &bearer, None).await;
     assert!(jobs_of(&a.body).contains("server_reinstall"), "{}", a.body);
 }
@@ -668,10 +626,10 @@ async fn other_tenants_get_404_and_permissions_are_checked(t: TestDb) {
     let a = call(&svc, Method::GET, &format!("{base_a}/{id}"), &alice, None).await;
     assert_eq!(a.body["name"], "a");
     assert_eq!(a.body["status"], "running");
-    assert_eq!(audit_count(&t, "server.power", &id), 0);
+    assert_eq!(common::audit_entries(&t, "server.power", &id), 0);
 
     // A support member of A: reads, opens the console (without power), but changes nothing.
-    let support = member(&svc, &t, &tenant_a, "s@example.test", "SUPPORT").await;
+    let support = common::new_member(&svc, &t, ("s@example.test", PASSWORD, IP), &tenant_a, "SUPPORT").await;
     let a = call(&svc, Method::GET, &format!("{base_a}/{id}"), &support, None).await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     assert!(a.body["variables"].is_object(), "support has startup.read");
@@ -725,7 +683,7 @@ async fn other_tenants_get_404_and_permissions_are_checked(t: TestDb) {
     assert!(!granted.contains(&"control.start") && !granted.contains(&"control.stop"));
 
     // A plain member may power the server but not change its limits or delete it.
-    let plain = member(&svc, &t, &tenant_a, "m@example.test", "MEMBER").await;
+    let plain = common::new_member(&svc, &t, ("m@example.test", PASSWORD, IP), &tenant_a, "MEMBER").await;
     let a = call(
         &svc,
         Method::POST,
@@ -901,7 +859,7 @@ async fn quotas_hold_under_50_parallel_creates(t: TestDb) {
     )
     .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{a:?}");
-    assert_eq!(audit_count(&t, "tenant.quota_update", &tenant), 2);
+    assert_eq!(common::audit_entries(&t, "tenant.quota_update", &tenant), 2);
 }
 
 async fn console_tokens_are_what_wings_verifies(t: TestDb) {
@@ -926,7 +884,7 @@ async fn console_tokens_are_what_wings_verifies(t: TestDb) {
         a.body["socket"],
         format!("ws://n1.example.com:8081/api/servers/{id}/ws")
     );
-    assert_eq!(audit_count(&t, "server.console_token", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.console_token", &id), 1);
 
     // wings' own verifier, holding the panel's public key as enrollment stores it.
     let dir = tempfile::tempdir().unwrap();
@@ -1023,7 +981,7 @@ async fn commands_and_console_reach_a_real_node() {
     )
     .await;
     assert_eq!(a.status, StatusCode::NO_CONTENT, "{a:?}");
-    assert_eq!(audit_count(&t, "server.command", &id), 1);
+    assert_eq!(common::audit_entries(&t, "server.command", &id), 1);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let lines = client.logs(&sid, 200).await.unwrap().lines;
@@ -1037,7 +995,7 @@ async fn commands_and_console_reach_a_real_node() {
     // A member removed from the tenant loses their live socket: the panel's revocation
     // (AccessRevoked on the event bus) tells the node to deauthorize them.
     mamba_panel::revocation::spawn(&state.events, state.db.clone(), state.pki.clone());
-    let helper = member(&svc, &t, &tenant, "helper@example.test", "MEMBER").await;
+    let helper = common::new_member(&svc, &t, ("helper@example.test", PASSWORD, IP), &tenant, "MEMBER").await;
     let a = call(&svc, Method::GET, &format!("{base}/{id}/console"), &helper, None).await;
     assert_eq!(a.status, StatusCode::OK, "{a:?}");
     let helper_token = a.body["token"].as_str().unwrap().to_string();
@@ -1323,7 +1281,7 @@ async fn a_dead_install_frees_its_place_and_an_operator_retry_takes_one_again(t:
     assert_eq!(server_row(&t, &first), (other.to_string(), "installing".into()));
     assert_eq!(ports_of(&t, &first), vec![(other.to_string(), 31000)]);
     assert_eq!(
-        audit_count(&t, "job.retry", job.as_str()),
+        common::audit_entries(&t, "job.retry", job.as_str()),
         2,
         "one entry per retry that went through"
     );

@@ -473,3 +473,55 @@ impl TestDb {
         web::Data::new(state)
     }
 }
+
+/// A new user, logged in from `ip`, made a member of `tenant` with the built-in `role`;
+/// answers its bearer.
+pub async fn new_member<S, B>(
+    svc: &S,
+    t: &TestDb,
+    (email, password, ip): (&str, &str, &str),
+    tenant: &str,
+    role: &str,
+) -> String
+where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+    B: actix_web::body::MessageBody,
+{
+    use diesel::prelude::*;
+    use mamba_panel::db::schema::{memberships, users};
+    let bearer = login_new_user(svc, t, email, password, false, ip).await;
+    let mut conn = t.db.get_blocking().unwrap();
+    let user: String = users::table
+        .filter(users::email.eq(email))
+        .select(users::id)
+        .first(&mut conn)
+        .unwrap();
+    diesel::insert_into(memberships::table)
+        .values((
+            memberships::id.eq(uuid::Uuid::now_v7().to_string()),
+            memberships::tenant_id.eq(tenant),
+            memberships::user_id.eq(user),
+            memberships::role.eq(role),
+            memberships::created_at.eq(0i64),
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    bearer
+}
+
+/// How many audit entries record `action` on `resource`.
+pub fn audit_entries(t: &TestDb, action: &str, resource: &str) -> i64 {
+    use diesel::prelude::*;
+    use mamba_panel::db::schema::audit_log;
+    let mut conn = t.db.get_blocking().unwrap();
+    audit_log::table
+        .filter(audit_log::action.eq(action))
+        .filter(audit_log::resource_id.eq(resource))
+        .count()
+        .get_result(&mut conn)
+        .unwrap()
+}
