@@ -477,7 +477,7 @@ fn main() {
     println!("| Backup | Time | MiB/s | Archive | wings is faster by |");
     println!("|---|---|---|---|---|");
     println!(
-        "| wings (tar + zstd -3, {threads} threads, SHA-256, object_store local) | {:.2} s | {:.0} | {:.0} MiB | |",
+        "| wings (tar + zstd -3, {threads} threads, SHA-256, local folder) | {:.2} s | {:.0} | {:.0} MiB | |",
         bo.as_secs_f64(),
         rate(bo),
         ours_size as f64 / 1048576.0
