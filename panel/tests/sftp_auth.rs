@@ -179,21 +179,6 @@ fn make_tenant(t: &TestDb, owner: &str, slug: &str) -> String {
     .to_string()
 }
 
-fn add_member(t: &TestDb, tenant: &str, user: &str, role: &str) {
-    use mamba_panel::db::schema::memberships;
-    let mut conn = t.db.get_blocking().unwrap();
-    diesel::insert_into(memberships::table)
-        .values((
-            memberships::id.eq(uuid::Uuid::now_v7().to_string()),
-            memberships::tenant_id.eq(tenant),
-            memberships::user_id.eq(user),
-            memberships::role.eq(role),
-            memberships::created_at.eq(0i64),
-        ))
-        .execute(&mut conn)
-        .unwrap();
-}
-
 fn remove_member(t: &TestDb, tenant: &str, user: &str) {
     use mamba_panel::db::schema::memberships;
     let mut conn = t.db.get_blocking().unwrap();
@@ -299,7 +284,7 @@ async fn passwords_keys_members_and_nodes(t: TestDb) {
     let alice = make_user(&t, &panel.state, "alice@example.test", false);
     make_user(&t, &panel.state, "carol@example.test", false);
     let tenant = make_tenant(&t, &owner, "acme");
-    add_member(&t, &tenant, &alice, "SUPPORT");
+    common::add_membership(&t, &tenant, &alice, "SUPPORT");
     let on_a = make_server(&t, &tenant, &node_a);
     // Ids made within a minute share their first 8 characters: give node B's another.
     let v7 = uuid::Uuid::now_v7().to_string();
@@ -535,7 +520,7 @@ async fn passwords_keys_members_and_nodes(t: TestDb) {
     );
 
     // Two-factor accounts: a key, never a password alone.
-    add_member(&t, &tenant, &alice, "MEMBER");
+    common::add_membership(&t, &tenant, &alice, "MEMBER");
     enable_totp(&t, &alice);
     let (status, body) = raw(
         &panel,
@@ -969,7 +954,7 @@ async fn real_node_and_real_clients(t: TestDb) {
     let owner = make_user(&t, &panel.state, "owner@example.test", false);
     let alice = make_user(&t, &panel.state, "alice@example.test", false);
     let tenant = make_tenant(&t, &owner, "acme");
-    add_member(&t, &tenant, &alice, "SUPPORT");
+    common::add_membership(&t, &tenant, &alice, "SUPPORT");
     let server = make_server(&t, &tenant, &node.id);
     node.create_server(&server).await;
 

@@ -373,30 +373,27 @@ fn main() {
     // BENCH_ONLY=wings: only wings' backups and restores, BENCH_ROUNDS of each in this one
     // process, with timings on stderr (for profiling under strace, perf or valgrind).
     if std::env::var("BENCH_ONLY").as_deref() == Ok("wings") {
-        for _ in 0..rounds {
-            let id = "only".to_string();
+        // Runs `work`, printing its wall time, CPU times and page faults.
+        fn measured<T>(what: &str, work: impl FnOnce() -> (Duration, T)) -> T {
             let cpu = cpu_times();
-            let (took, d) = runtime.block_on(ours.backup(&src, &id));
+            let (took, value) = work();
             let after = cpu_times();
             eprintln!(
-                "wings backup: {:.2} s, cpu user {:.2} s sys {:.2} s, {} page faults",
+                "wings {what}: {:.2} s, cpu user {:.2} s sys {:.2} s, {} page faults",
                 took.as_secs_f64(),
                 after.0 - cpu.0,
                 after.1 - cpu.1,
                 after.2 - cpu.2
             );
+            value
+        }
+        for _ in 0..rounds {
+            let d = measured("backup", || runtime.block_on(ours.backup(&src, "only")));
             let dest = restores.next();
             sync();
-            let cpu = cpu_times();
-            let took = runtime.block_on(ours.restore(&id, &d, &dest));
-            let after = cpu_times();
-            eprintln!(
-                "wings restore: {:.2} s, cpu user {:.2} s sys {:.2} s, {} page faults",
-                took.as_secs_f64(),
-                after.0 - cpu.0,
-                after.1 - cpu.1,
-                after.2 - cpu.2
-            );
+            measured("restore", || {
+                (runtime.block_on(ours.restore("only", &d, &dest)), ())
+            });
             sync();
         }
         RestoreDirs::remove_all(&base);

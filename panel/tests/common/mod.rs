@@ -492,14 +492,22 @@ where
     B: actix_web::body::MessageBody,
 {
     use diesel::prelude::*;
-    use mamba_panel::db::schema::{memberships, users};
+    use mamba_panel::db::schema::users;
     let bearer = login_new_user(svc, t, email, password, false, ip).await;
-    let mut conn = t.db.get_blocking().unwrap();
     let user: String = users::table
         .filter(users::email.eq(email))
         .select(users::id)
-        .first(&mut conn)
+        .first(&mut t.db.get_blocking().unwrap())
         .unwrap();
+    add_membership(t, tenant, &user, role);
+    bearer
+}
+
+/// Makes `user` a member of `tenant` with the built-in `role`, straight in the database.
+pub fn add_membership(t: &TestDb, tenant: &str, user: &str, role: &str) {
+    use diesel::prelude::*;
+    use mamba_panel::db::schema::memberships;
+    let mut conn = t.db.get_blocking().unwrap();
     diesel::insert_into(memberships::table)
         .values((
             memberships::id.eq(uuid::Uuid::now_v7().to_string()),
@@ -510,7 +518,6 @@ where
         ))
         .execute(&mut conn)
         .unwrap();
-    bearer
 }
 
 /// How many audit entries record `action` on `resource`.

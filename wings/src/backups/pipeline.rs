@@ -243,6 +243,40 @@ mod tests {
         ServerFs::open_root(dir, uid, gid, u64::MAX, &[]).unwrap()
     }
 
+    /// A store whose local folder is `<data>/store`, with parts of `part_size_mb`.
+    fn local_stores(data: &std::path::Path, part_size_mb: u64) -> Stores {
+        let config = BackupsConfig {
+            local_dir: data.join("store").display().to_string(),
+            part_size_mb,
+            ..BackupsConfig::default()
+        };
+        Stores::new(&config, data).unwrap()
+    }
+
+    /// Extracts what `verified` read into a new folder `dest`, emptying nothing else.
+    async fn restore_into(
+        stores: &Stores,
+        path: ObjectPath,
+        verified: Verified,
+        digest: Digest,
+        dest: &std::path::Path,
+    ) -> Extracted {
+        std::fs::create_dir(dest).unwrap();
+        let job = ExtractJob {
+            adapter: BackupAdapter::Local,
+            path,
+            verified,
+            fs: server_fs(dest),
+            key: None,
+            expected: digest,
+            truncate: true,
+            progress_interval: Duration::from_secs(3600),
+        };
+        extract(stores, job, |_, _| {}, &CancellationToken::new())
+            .await
+            .unwrap()
+    }
+
     async fn back_up(stores: &Stores, root: &std::path::Path, id: &str) -> (ObjectPath, Digest) {
         let path = stores.object_path(BackupAdapter::Local, "s", id);
         let job = BackupJob {
@@ -268,12 +302,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_local_archive_of_many_parts_is_whole() {
         let data = tempfile::tempdir().unwrap();
-        let config = BackupsConfig {
-            local_dir: data.path().join("store").display().to_string(),
-            part_size_mb: 1,
-            ..BackupsConfig::default()
-        };
-        let stores = Stores::new(&config, data.path()).unwrap();
+        let stores = local_stores(data.path(), 1);
         let src = data.path().join("src");
         std::fs::create_dir(&src).unwrap();
         // Incompressible, so the archive spans several 1 MiB parts and ends part-way.
@@ -305,20 +334,7 @@ mod tests {
             .await
             .unwrap();
         let dest = data.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        let job = ExtractJob {
-            adapter: BackupAdapter::Local,
-            path,
-            verified,
-            fs: server_fs(&dest),
-            key: None,
-            expected: digest,
-            truncate: true,
-            progress_interval: Duration::from_secs(3600),
-        };
-        extract(&stores, job, |_, _| {}, &CancellationToken::new())
-            .await
-            .unwrap();
+        restore_into(&stores, path, verified, digest, &dest).await;
         assert!(std::fs::read(dest.join("region.mca")).unwrap() == noise);
     }
 
@@ -327,11 +343,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn extraction_reads_the_very_file_that_was_verified() {
         let data = tempfile::tempdir().unwrap();
-        let config = BackupsConfig {
-            local_dir: data.path().join("store").display().to_string(),
-            ..BackupsConfig::default()
-        };
-        let stores = Stores::new(&config, data.path()).unwrap();
+        let stores = local_stores(data.path(), BackupsConfig::default().part_size_mb);
         let (genuine, other) = (data.path().join("genuine"), data.path().join("other"));
         for (dir, content) in [(&genuine, "genuine"), (&other, "swapped in")] {
             std::fs::create_dir(dir).unwrap();
@@ -347,20 +359,7 @@ mod tests {
         std::fs::rename(store_dir.join(other_path.as_ref()), store_dir.join(path.as_ref())).unwrap();
 
         let dest = data.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        let job = ExtractJob {
-            adapter: BackupAdapter::Local,
-            path,
-            verified,
-            fs: server_fs(&dest),
-            key: None,
-            expected: digest,
-            truncate: true,
-            progress_interval: Duration::from_secs(3600),
-        };
-        let done = extract(&stores, job, |_, _| {}, &CancellationToken::new())
-            .await
-            .unwrap();
+        let done = restore_into(&stores, path, verified, digest, &dest).await;
         assert_eq!(done.files, 1);
         assert_eq!(
             std::fs::read_to_string(dest.join("server.properties")).unwrap(),
