@@ -49,7 +49,13 @@ enum Command {
         #[arg(long)]
         panel: String,
         /// The enrollment token the panel gave for this node (valid once, for 15 minutes).
-        #[arg(long, env = "WINGS_ENROLL_TOKEN", hide_env_values = true)]
+        // Tokens are base64url, so about one in 64 begins with '-'.
+        #[arg(
+            long,
+            env = "WINGS_ENROLL_TOKEN",
+            hide_env_values = true,
+            allow_hyphen_values = true
+        )]
         token: String,
     },
     /// Hash a password read from standard input for the SFTP credential file (argon2id).
@@ -230,4 +236,27 @@ async fn wait_for_shutdown_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_enrollment_token_may_begin_with_a_hyphen() {
+        let cli = Cli::try_parse_from([
+            "wings",
+            "enroll",
+            "--panel",
+            "https://p:8091",
+            "--token",
+            "-Pq_x.ab",
+        ])
+        .map_err(|e| e.to_string());
+        match cli.map(|cli| cli.command) {
+            Ok(Some(Command::Enroll { token, .. })) => assert_eq!(token, "-Pq_x.ab"),
+            Ok(_) => panic!("parsed as another command"),
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
