@@ -12,9 +12,9 @@ use bollard::container::{AttachContainerResults, LogOutput};
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, NetworkCreateRequest};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, EventsOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -24,6 +24,12 @@ pub const LABEL_MANAGED: &str = "mamba.managed";
 pub const LABEL_DATA_DIR: &str = "mamba.data-dir";
 pub const LABEL_SERVER: &str = "mamba.server";
 pub const LABEL_KIND: &str = "mamba.kind";
+
+/// How long after a SIGKILL exit wings waits for Docker's `oom` event. containerd can publish
+/// the OOM after the exit, and then `docker inspect` says `OOMKilled: false`.
+const OOM_EVENT_GRACE: Duration = Duration::from_secs(2);
+/// The exit code of a process killed by SIGKILL, which is how the OOM killer ends it.
+const SIGKILL_EXIT_CODE: i64 = 128 + 9;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContainerKind {
@@ -342,18 +348,63 @@ impl DockerClient {
     }
 
     /// Resolves when the container stops, with its exit status. No timeout: it waits as long
-    /// as the game runs.
-    pub async fn wait_exit(&self, id: &str) -> Result<ExitStatus, DockerError> {
+    /// as the game runs. After a SIGKILL exit that Docker does not (yet) call an OOM kill, it
+    /// waits briefly for a late `oom` event, unless `kill_unexplained()` says wings sent the
+    /// kill itself.
+    pub async fn wait_exit(
+        &self,
+        id: &str,
+        kill_unexplained: impl FnOnce() -> bool,
+    ) -> Result<ExitStatus, DockerError> {
         let mut stream = self.docker.wait_container(id, None);
         // bollard reports a non-zero exit as an error; either way the container has stopped.
         match stream.next().await {
             Some(Ok(_)) | Some(Err(BollardError::DockerContainerWaitError { .. })) | None => {}
             Some(Err(e)) => return Err(e.into()),
         }
-        Ok(self.status(id).await?.map(|s| s.exit).unwrap_or(ExitStatus {
-            code: -1,
-            oom_killed: false,
-        }))
+        let Some(status) = self.status(id).await? else {
+            return Ok(ExitStatus {
+                code: -1,
+                oom_killed: false,
+            });
+        };
+        let mut exit = status.exit;
+        if exit.code == SIGKILL_EXIT_CODE && !exit.oom_killed && kill_unexplained() {
+            exit.oom_killed = self.oom_event_since(id, status.started_at_ms.unwrap_or(0)).await;
+        }
+        Ok(exit)
+    }
+
+    /// Whether Docker published an `oom` event for the container since `since_ms`, waiting
+    /// up to [`OOM_EVENT_GRACE`] for one that is late. Docker replays recent events from
+    /// memory, so one published before this call is seen as well.
+    pub async fn oom_event_since(&self, id: &str, since_ms: u64) -> bool {
+        let until = std::time::SystemTime::now() + OOM_EVENT_GRACE;
+        let until_ms = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let seconds = |ms: u128| format!("{}.{:03}", ms / 1000, ms % 1000);
+        let filters = HashMap::from([
+            ("container", vec![id]),
+            ("type", vec!["container"]),
+            ("event", vec!["oom"]),
+        ]);
+        let options = EventsOptionsBuilder::default()
+            .since(&seconds(u128::from(since_ms)))
+            .until(&seconds(until_ms))
+            .filters(&filters)
+            .build();
+        let mut events = self.docker.events(Some(options));
+        // Docker closes the stream at `until`; the timeout covers an engine that does not.
+        match tokio::time::timeout(OOM_EVENT_GRACE + self.timeout, events.next()).await {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(container = id, error = %e, "could not read Docker's events for an OOM kill");
+                false
+            }
+            Ok(None) | Err(_) => false,
+        }
     }
 
     /// What the container printed after `after_ns` and up to `until_ns` (Unix nanoseconds),

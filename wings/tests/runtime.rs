@@ -252,6 +252,10 @@ async fn memory_hog_is_oom_killed_and_reported() {
         .await;
     assert_eq!(status, 202, "{body}");
     wings.wait_state(&id, "running", T).await;
+    let container = wings.server(&id).await["container_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     wings.command(&id, "hog 200").await;
     let server = wait_for("the OOM kill to be reported", T, || async {
         let s = wings.server(&id).await;
@@ -260,6 +264,36 @@ async fn memory_hog_is_oom_killed_and_reported() {
     .await;
     assert_eq!(server["state"], "offline");
     assert!(daemon_lines(&wings.logs(&id).await, "out of memory").len() == 1);
+    // The fallback for an `OOMKilled: false` from inspect finds Docker's `oom` event.
+    assert!(docker_client().await.oom_event_since(&container, 0).await);
+}
+
+async fn docker_client() -> mamba_wings::docker::DockerClient {
+    let config = mamba_wings::config::Config::default();
+    mamba_wings::docker::DockerClient::connect(&config.docker)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkill_from_outside_is_a_crash_but_not_out_of_memory() {
+    let wings = Wings::start_with("[crash_guard]\nenabled = false\n").await;
+    let id = running_testbox(&wings, json!({})).await;
+    let container = wings.server(&id).await["container_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (killed, out) = docker(&["kill", "--signal", "KILL", &container]);
+    assert!(killed, "{out}");
+    let server = wait_for("the exit to be reported", T, || async {
+        let s = wings.server(&id).await;
+        (s["crash"]["last_exit"]["exit_code"] == 137).then_some(s)
+    })
+    .await;
+    assert_eq!(server["crash"]["last_exit"]["oom_killed"], false);
+    assert_eq!(server["state"], "offline");
+    assert!(daemon_lines(&wings.logs(&id).await, "out of memory").is_empty());
+    assert!(!docker_client().await.oom_event_since(&container, 0).await);
 }
 
 /// The container's pids cgroup, for cgroup v1 and v2 with either Docker cgroup driver.

@@ -822,7 +822,8 @@ impl Server {
     fn watch_exit(self: &Arc<Self>, container_id: String, generation: u64) {
         let server = self.clone();
         tokio::spawn(async move {
-            let status = match server.ctx.docker.wait_exit(&container_id).await {
+            let kill_unexplained = || !server.expecting_exit.load(Ordering::SeqCst);
+            let status = match server.ctx.docker.wait_exit(&container_id, kill_unexplained).await {
                 Ok(status) => status,
                 Err(e) => {
                     tracing::warn!(server.id = %server.id, "waiting for the container failed: {e}");
@@ -1113,7 +1114,7 @@ impl Server {
         });
         self.ctx.docker.start(&id).await?;
         let timeout = Duration::from_secs(u64::from(install.timeout_secs));
-        let status = match tokio::time::timeout(timeout, self.ctx.docker.wait_exit(&id)).await {
+        let status = match tokio::time::timeout(timeout, self.ctx.docker.wait_exit(&id, || true)).await {
             Ok(status) => status?,
             Err(_) => {
                 self.ctx.docker.signal(&id, "SIGKILL").await?;
