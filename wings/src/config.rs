@@ -398,6 +398,9 @@ pub struct SftpConfig {
     /// Connections open at once, and from one IP address.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Sessions logged in to one game server at once, whoever holds them; one more is
+    /// disconnected with a message saying why.
+    pub max_sessions_per_server: usize,
     /// A connection must log in within this many seconds.
     pub login_timeout_secs: u64,
     /// Authentication attempts allowed on one connection.
@@ -433,6 +436,7 @@ impl Default for SftpConfig {
             credentials_file: String::new(),
             max_connections: 512,
             max_connections_per_ip: 32,
+            max_sessions_per_server: 16,
             login_timeout_secs: 30,
             max_auth_attempts: 6,
             failed_logins_per_ip: 20,
@@ -560,6 +564,7 @@ impl Config {
         let sftp = &self.sftp;
         if sftp.max_connections == 0
             || sftp.max_connections_per_ip == 0
+            || sftp.max_sessions_per_server == 0
             || sftp.max_auth_attempts == 0
             || sftp.failed_logins_per_ip == 0
             || sftp.failed_logins_per_user == 0

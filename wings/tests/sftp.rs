@@ -441,6 +441,32 @@ async fn deauthorizing_a_user_closes_their_sessions_and_deleting_the_server_clos
     assert!(closed(&mut bob).await, "bob's session is closed");
 }
 
+#[tokio::test]
+async fn a_server_takes_no_more_sessions_than_its_limit() {
+    let (wings, users, id, _dir) = setup("max_sessions_per_server = 2", &["*"], &["*"]).await;
+    let alice = login_name("alice", &id);
+    let (first, _first_lines) = hold(&wings, &alice, &password(PASSWORD)).await;
+    let (_second, _second_lines) = hold(&wings, &login_name("bob", &id), &password(PASSWORD)).await;
+
+    // Good credentials, one session too many: the client is told why, and gets no subsystem.
+    let (ok, out) = openssh_sftp(&wings, &users, &alice, "pwd\n");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("too many SFTP sessions are open for this server"),
+        "{out}"
+    );
+    let refused = paramiko(&wings, &alice, &password(PASSWORD), &["login"]);
+    assert_eq!(refused[0]["ok"], false, "{refused:?}");
+
+    // A session that ends frees its place; the refusals above locked nobody out.
+    drop(first);
+    wait_for("a freed place to be taken", TIMEOUT, || async {
+        let again = paramiko(&wings, &alice, &password(PASSWORD), &["login"]);
+        (again[0]["ok"] == true).then_some(())
+    })
+    .await;
+}
+
 fn root(wings: &Wings, id: &str) -> PathBuf {
     wings.data_dir().join("volumes").join(id)
 }

@@ -28,6 +28,8 @@ use russh::server::Config as SshConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use mamba_shared::ids::ServerId;
+
 use self::auth::AuthSource;
 use self::ratelimit::FailureLimiter;
 use crate::config::SftpConfig;
@@ -49,6 +51,8 @@ pub struct SftpContext {
 struct Connections {
     total: usize,
     per_ip: HashMap<IpAddr, usize>,
+    /// Logged-in sessions per game server.
+    per_server: HashMap<ServerId, usize>,
 }
 
 /// Holds a connection's place in the connection limits until dropped.
@@ -65,6 +69,24 @@ impl Drop for ConnectionSlot {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Holds a logged-in session's place in its server's session limit until dropped.
+struct ServerSessionSlot {
+    ctx: Arc<SftpContext>,
+    server: ServerId,
+}
+
+impl Drop for ServerSessionSlot {
+    fn drop(&mut self) {
+        let mut c = self.ctx.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.per_server.get_mut(&self.server) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_server.remove(&self.server);
             }
         }
     }
@@ -100,6 +122,19 @@ impl SftpContext {
         Some(ConnectionSlot {
             ctx: self.clone(),
             ip,
+        })
+    }
+
+    fn take_server_slot(self: &Arc<Self>, server: &ServerId) -> Option<ServerSessionSlot> {
+        let mut c = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let open = c.per_server.entry(server.clone()).or_default();
+        if *open >= self.config.max_sessions_per_server {
+            return None;
+        }
+        *open += 1;
+        Some(ServerSessionSlot {
+            ctx: self.clone(),
+            server: server.clone(),
         })
     }
 }

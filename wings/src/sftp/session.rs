@@ -12,12 +12,29 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::SftpContext;
 use super::auth::{Credential, Grant, LoginName};
+use super::{ServerSessionSlot, SftpContext};
 use crate::tokens::{Revocation, now_secs};
 
 /// Session channels one connection may open (sshfs and sftp use one).
 const MAX_CHANNELS: usize = 4;
+
+/// What an accepted login leads to.
+#[derive(Clone)]
+enum Login {
+    Granted(Arc<Grant>),
+    /// The credentials were good, but the server already has as many sessions as it may.
+    ServerFull(Arc<Grant>),
+}
+
+impl Login {
+    fn granted(login: &Option<Login>) -> Option<Arc<Grant>> {
+        match login {
+            Some(Login::Granted(grant)) => Some(grant.clone()),
+            _ => None,
+        }
+    }
+}
 
 /// Runs one connection to its end.
 pub(super) async fn run(
@@ -31,15 +48,16 @@ pub(super) async fn run(
     // Subscribed before any login, so a revocation that races the login is still seen.
     let mut revocations = ctx.tokens.subscribe();
     let started = now_secs();
-    let (grant_tx, mut grant_rx) = watch::channel(None::<Arc<Grant>>);
+    let (login_tx, mut login_rx) = watch::channel(None::<Login>);
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let handler = SshHandler {
         ctx: ctx.clone(),
         ip,
         peer,
-        grant_tx,
+        login_tx,
         pending: None,
+        server_slot: None,
         channels: HashMap::new(),
         cancel: cancel.clone(),
     };
@@ -77,11 +95,16 @@ pub(super) async fn run(
             () = tokio::time::sleep_until(login_deadline), if grant.is_none() => {
                 break "no login before the deadline";
             }
-            changed = grant_rx.changed(), if grant.is_none() => {
+            changed = login_rx.changed(), if grant.is_none() => {
                 if changed.is_err() {
                     continue;
                 }
-                grant = grant_rx.borrow_and_update().clone();
+                let login = login_rx.borrow_and_update().clone();
+                if let Some(Login::ServerFull(g)) = login {
+                    tracing::info!(%peer, user = %g.user_id, server.id = %g.server, "SFTP login refused: the server's session limit is reached");
+                    break "too many SFTP sessions are open for this server";
+                }
+                grant = Login::granted(&login);
                 if let Some(g) = &grant {
                     match ctx.manager.get(&g.server) {
                         Some(server) => deleted = server.deleted.clone(),
@@ -143,9 +166,11 @@ struct SshHandler {
     ctx: Arc<SftpContext>,
     ip: IpAddr,
     peer: SocketAddr,
-    grant_tx: watch::Sender<Option<Arc<Grant>>>,
-    /// The grant of the login being accepted, published once russh confirms it.
-    pending: Option<Arc<Grant>>,
+    login_tx: watch::Sender<Option<Login>>,
+    /// The login being accepted, published once russh confirms it.
+    pending: Option<Login>,
+    /// This session's place in its server's session limit, held until the connection ends.
+    server_slot: Option<ServerSessionSlot>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     cancel: CancellationToken,
 }
@@ -162,6 +187,17 @@ impl SshHandler {
             self.ctx.user_failures.fail(&name.user);
         }
         tracing::info!(peer = %self.peer, login = %login.escape_debug(), "SFTP login failed");
+    }
+
+    /// Accepts good credentials. A server already at its session limit still gets
+    /// `Accept`, so the client can be told why it is disconnected, but never a subsystem.
+    fn admit(&mut self, grant: Arc<Grant>) -> Auth {
+        self.server_slot = self.ctx.take_server_slot(&grant.server);
+        self.pending = Some(match self.server_slot {
+            Some(_) => Login::Granted(grant),
+            None => Login::ServerFull(grant),
+        });
+        Auth::Accept
     }
 
     /// Asks the auth source, and checks that the granted server lives on this node.
@@ -195,10 +231,7 @@ impl russh::server::Handler for SshHandler {
             return Ok(self.refuse());
         }
         match self.check(&login, Credential::Password(password)).await {
-            Some(grant) => {
-                self.pending = Some(grant);
-                Ok(Auth::Accept)
-            }
+            Some(grant) => Ok(self.admit(grant)),
             None => {
                 self.failed(user);
                 Ok(self.refuse())
@@ -233,10 +266,7 @@ impl russh::server::Handler for SshHandler {
             return Ok(self.refuse());
         };
         match self.check(&login, Credential::PublicKey(key.public_key)).await {
-            Some(grant) => {
-                self.pending = Some(grant);
-                Ok(Auth::Accept)
-            }
+            Some(grant) => Ok(self.admit(grant)),
             None => {
                 self.failed(user);
                 Ok(self.refuse())
@@ -245,7 +275,7 @@ impl russh::server::Handler for SshHandler {
     }
 
     async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
-        let _ = self.grant_tx.send(self.pending.take());
+        let _ = self.login_tx.send(self.pending.take());
         Ok(())
     }
 
@@ -255,7 +285,7 @@ impl russh::server::Handler for SshHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if self.grant_tx.borrow().is_none() || self.channels.len() >= MAX_CHANNELS {
+        if Login::granted(&self.login_tx.borrow()).is_none() || self.channels.len() >= MAX_CHANNELS {
             drop(reply); // rejects
             return Ok(());
         }
@@ -270,7 +300,7 @@ impl russh::server::Handler for SshHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let grant = self.grant_tx.borrow().clone();
+        let grant = Login::granted(&self.login_tx.borrow());
         let server = grant.as_ref().and_then(|g| self.ctx.manager.get(&g.server));
         match (name, grant, server, self.channels.remove(&channel_id)) {
             ("sftp", Some(grant), Some(server), Some(channel)) => {
