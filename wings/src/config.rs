@@ -398,8 +398,8 @@ pub struct SftpConfig {
     /// Connections open at once, and from one IP address.
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
-    /// Sessions logged in to one game server at once, whoever holds them; one more is
-    /// disconnected with a message saying why.
+    /// Sessions logged in to one game server at once, whoever holds them; one more gets no
+    /// SFTP subsystem, and its client is told why.
     pub max_sessions_per_server: usize,
     /// A connection must log in within this many seconds.
     pub login_timeout_secs: u64,

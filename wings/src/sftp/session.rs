@@ -19,6 +19,9 @@ use crate::tokens::{Revocation, now_secs};
 /// Session channels one connection may open (sshfs and sftp use one).
 const MAX_CHANNELS: usize = 4;
 
+/// Told (on the channel's stderr) to a login over its server's session limit.
+const SERVER_FULL: &str = "too many SFTP sessions are open for this server";
+
 /// What an accepted login leads to.
 #[derive(Clone)]
 enum Login {
@@ -83,6 +86,7 @@ pub(super) async fn run(
     let handle = session.handle();
     let mut session = std::pin::pin!(session);
     let mut grant: Option<Arc<Grant>> = None;
+    let mut server_full = false;
     let mut deleted = CancellationToken::new();
     let reason = loop {
         tokio::select! {
@@ -93,7 +97,7 @@ pub(super) async fn run(
                 return;
             }
             () = tokio::time::sleep_until(login_deadline), if grant.is_none() => {
-                break "no login before the deadline";
+                break if server_full { SERVER_FULL } else { "no login before the deadline" };
             }
             changed = login_rx.changed(), if grant.is_none() => {
                 if changed.is_err() {
@@ -101,8 +105,11 @@ pub(super) async fn run(
                 }
                 let login = login_rx.borrow_and_update().clone();
                 if let Some(Login::ServerFull(g)) = login {
+                    // The subsystem request is answered with the reason; the client hangs up
+                    // itself (closing first here could lose the reason to a TCP reset).
                     tracing::info!(%peer, user = %g.user_id, server.id = %g.server, "SFTP login refused: the server's session limit is reached");
-                    break "too many SFTP sessions are open for this server";
+                    server_full = true;
+                    continue;
                 }
                 grant = Login::granted(&login);
                 if let Some(g) = &grant {
@@ -190,7 +197,7 @@ impl SshHandler {
     }
 
     /// Accepts good credentials. A server already at its session limit still gets
-    /// `Accept`, so the client can be told why it is disconnected, but never a subsystem.
+    /// `Accept`, so the client can be told why on its channel, but never a subsystem.
     fn admit(&mut self, grant: Arc<Grant>) -> Auth {
         self.server_slot = self.ctx.take_server_slot(&grant.server);
         self.pending = Some(match self.server_slot {
@@ -285,7 +292,7 @@ impl russh::server::Handler for SshHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if Login::granted(&self.login_tx.borrow()).is_none() || self.channels.len() >= MAX_CHANNELS {
+        if self.login_tx.borrow().is_none() || self.channels.len() >= MAX_CHANNELS {
             drop(reply); // rejects
             return Ok(());
         }
@@ -300,7 +307,19 @@ impl russh::server::Handler for SshHandler {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let grant = Login::granted(&self.login_tx.borrow());
+        let login = self.login_tx.borrow().clone();
+        if let Some(Login::ServerFull(_)) = login
+            && self.channels.remove(&channel_id).is_some()
+        {
+            // As sshd does with a forced command: the reason on stderr, then a clean close.
+            session.channel_success(channel_id)?;
+            session.extended_data(channel_id, 1, format!("{SERVER_FULL}\r\n"))?;
+            session.exit_status_request(channel_id, 1)?;
+            session.eof(channel_id)?;
+            session.close(channel_id)?;
+            return Ok(());
+        }
+        let grant = Login::granted(&login);
         let server = grant.as_ref().and_then(|g| self.ctx.manager.get(&g.server));
         match (name, grant, server, self.channels.remove(&channel_id)) {
             ("sftp", Some(grant), Some(server), Some(channel)) => {
