@@ -65,11 +65,16 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut c = self.ctx.connections.lock().unwrap_or_else(|p| p.into_inner());
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_ip.remove(&self.ip);
-            }
+        release(&mut c.per_ip, &self.ip);
+    }
+}
+
+/// Gives back one place counted under `key`, forgetting keys that hold none.
+fn release<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
         }
     }
 }
@@ -83,12 +88,7 @@ struct ServerSessionSlot {
 impl Drop for ServerSessionSlot {
     fn drop(&mut self) {
         let mut c = self.ctx.connections.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = c.per_server.get_mut(&self.server) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                c.per_server.remove(&self.server);
-            }
-        }
+        release(&mut c.per_server, &self.server);
     }
 }
 
