@@ -27,11 +27,7 @@ const PASSWORD: &str = "api key test passphrase";
 
 async fn call<S, B>(svc: &S, method: Method, uri: &str, auth: &str, body: Value, ip: &str) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()
@@ -66,11 +62,7 @@ fn make_user(t: &TestDb, email: &str, super_admin: bool) {
 /// Logs in over the API; returns the bearer header.
 async fn login<S, B>(svc: &S, email: &str) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let a = send(
@@ -89,11 +81,7 @@ where
 
 async fn new_tenant<S, B>(svc: &S, bearer: &str, slug: &str) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let a = call(
@@ -111,11 +99,7 @@ where
 
 async fn new_key<S, B>(svc: &S, bearer: &str, tenant: &str, body: Value) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     call(
@@ -455,17 +439,9 @@ async fn a_user_holds_at_most_the_maximum_of_keys(t: TestDb) {
 /// Runs the plan-limit checks against two apps sharing one limiter store (or not).
 async fn plan_limits<S1, S2, B1, B2>(t: &TestDb, first: &S1, second: &S2, shared: bool)
 where
-    S1: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B1>,
-            Error = actix_web::Error,
-        >,
+    S1: common::TestApp<B1>,
     B1: actix_web::body::MessageBody,
-    S2: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B2>,
-            Error = actix_web::Error,
-        >,
+    S2: common::TestApp<B2>,
     B2: actix_web::body::MessageBody,
 {
     make_user(t, "owner@p.test", false);

@@ -39,11 +39,7 @@ const WAIT: Duration = Duration::from_secs(120);
 
 async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: &str, body: Option<Value>) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()
@@ -74,11 +70,7 @@ macro_rules! wait_for {
 /// A new user owning a new tenant; answers (bearer, tenant id).
 async fn owner<S, B>(svc: &S, t: &TestDb, email: &str) -> (String, String)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let bearer = common::login_new_user(svc, t, email, PASSWORD, false, IP).await;

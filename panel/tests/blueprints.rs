@@ -20,11 +20,7 @@ const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/eggs
 
 async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: &str, body: Option<String>) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()

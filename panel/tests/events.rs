@@ -182,11 +182,7 @@ async fn publishing_survives_redis_going_away_and_the_bus_reconnects() {
 /// and refresh token.
 async fn api_login<S, B>(t: &TestDb, svc: &S, email: &str) -> (String, String)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let hash = t.state().hasher.hash(PASSWORD).unwrap();
@@ -223,11 +219,7 @@ where
 /// Spends `refresh` once, then presents it again: the reuse revokes the login.
 async fn reuse<S, B>(svc: &S, refresh: &str)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let body = json!({"refresh_token": refresh});

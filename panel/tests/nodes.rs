@@ -20,11 +20,7 @@ const PASSWORD: &str = "node test passphrase";
 
 pub async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: Option<&str>, body: Value) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()

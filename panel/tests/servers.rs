@@ -111,11 +111,7 @@ fn add_pool(t: &TestDb, node: &NodeId, ip: &str, ports: &str) {
 
 async fn call<S, B>(svc: &S, method: Method, uri: &str, bearer: &str, body: Option<Value>) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()
@@ -132,11 +128,7 @@ where
 /// Makes a tenant owned by a new user through the API; answers (bearer, tenant id).
 async fn owner<S, B>(svc: &S, t: &TestDb, email: &str, admin: bool) -> (String, String)
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let bearer = common::login_new_user(svc, t, email, PASSWORD, admin, IP).await;

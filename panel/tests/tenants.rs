@@ -37,11 +37,7 @@ struct Ctx<S> {
 /// A verified user made in the database, logged in over the API; returns its bearer header.
 async fn user<S, B>(ctx: &Ctx<S>, email: &str) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let hash = ctx.t.state().hasher.hash(PASSWORD).unwrap();
@@ -74,11 +70,7 @@ where
 
 async fn call<S, B>(ctx: &Ctx<S>, method: Method, uri: &str, bearer: Option<&str>, body: Value) -> Answer
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let mut req = test::TestRequest::default()
@@ -96,11 +88,7 @@ where
 
 async fn tenant<S, B>(ctx: &Ctx<S>, owner: &str, slug: &str) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let a = call(
@@ -118,11 +106,7 @@ where
 /// Invites `email` with `role` and accepts as `bearer`; returns the membership id.
 async fn join<S, B>(ctx: &Ctx<S>, owner: &str, tenant: &str, bearer: &str, email: &str, role: &str) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: common::TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let a = call(

@@ -365,6 +365,25 @@ impl Answer {
     }
 }
 
+/// The app under test, as `actix_web::test::init_service` makes it.
+pub trait TestApp<B>:
+    actix_web::dev::Service<
+        actix_http::Request,
+        Response = actix_web::dev::ServiceResponse<B>,
+        Error = actix_web::Error,
+    >
+{
+}
+
+impl<S, B> TestApp<B> for S where
+    S: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >
+{
+}
+
 pub async fn send<S, R, B>(svc: &S, req: R) -> Answer
 where
     S: actix_web::dev::Service<R, Response = actix_web::dev::ServiceResponse<B>, Error = actix_web::Error>,
@@ -414,11 +433,7 @@ pub async fn login_new_user<S, B>(
     ip: &str,
 ) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     let hash = t.state().hasher.hash(password).unwrap();
@@ -484,11 +499,7 @@ pub async fn new_member<S, B>(
     role: &str,
 ) -> String
 where
-    S: actix_web::dev::Service<
-            actix_http::Request,
-            Response = actix_web::dev::ServiceResponse<B>,
-            Error = actix_web::Error,
-        >,
+    S: TestApp<B>,
     B: actix_web::body::MessageBody,
 {
     use diesel::prelude::*;
