@@ -86,7 +86,6 @@ pub(super) async fn run(
     let handle = session.handle();
     let mut session = std::pin::pin!(session);
     let mut grant: Option<Arc<Grant>> = None;
-    let mut server_full = false;
     let mut deleted = CancellationToken::new();
     let reason = loop {
         tokio::select! {
@@ -97,6 +96,7 @@ pub(super) async fn run(
                 return;
             }
             () = tokio::time::sleep_until(login_deadline), if grant.is_none() => {
+                let server_full = matches!(*login_rx.borrow(), Some(Login::ServerFull(_)));
                 break if server_full { SERVER_FULL } else { "no login before the deadline" };
             }
             changed = login_rx.changed(), if grant.is_none() => {
@@ -108,7 +108,6 @@ pub(super) async fn run(
                     // The subsystem request is answered with the reason; the client hangs up
                     // itself (closing first here could lose the reason to a TCP reset).
                     tracing::info!(%peer, user = %g.user_id, server.id = %g.server, "SFTP login refused: the server's session limit is reached");
-                    server_full = true;
                     continue;
                 }
                 grant = Login::granted(&login);
