@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::web;
+use common::node::free_port;
 use common::{TestDb, send};
 use diesel::prelude::*;
 use mamba_panel::http::{AppState, app};
@@ -670,14 +671,6 @@ fn workspace_root() -> std::path::PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A real wings process, enrolled with the panel through `wings enroll`.

@@ -19,12 +19,17 @@ use mamba_wings::node_identity::NodeIdentity;
 
 use super::TestDb;
 
-/// A port free for TCP and UDP on 127.0.0.1 right now.
+/// A port free for TCP and UDP on 127.0.0.1 right now, and not handed out before in this
+/// process: the kernel may offer a released port again while the test that got it has not
+/// bound it yet.
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed_out.contains(&port) && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }

@@ -111,12 +111,17 @@ pub struct Wings {
     extra_config: String,
 }
 
-/// A port that is free for both TCP and UDP on 127.0.0.1 right now.
+/// A port that is free for both TCP and UDP on 127.0.0.1 right now, and not handed out
+/// before in this process: the kernel may offer a released port again while the test that
+/// got it has not bound it yet (Docker then says "port is already allocated").
 pub fn free_port() -> u16 {
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed_out.contains(&port) && UdpSocket::bind(SocketAddr::from(([127, 0, 0, 1], port))).is_ok() {
+            handed_out.push(port);
             return port;
         }
     }
